@@ -1,0 +1,111 @@
+"""The contract every task implements.
+
+Data flows one way and a task plugs in at both ends::
+
+    shard sample --decode--> dict --task.train_transform/eval_transform--> fixed-shape tensors
+      --collate--> batch --task.context + backbone + head--> outputs --task.loss--> scalar
+                                                  \\--task.predict (test-time protocol)--> prediction
+                                                        --task.metric().update--> summed state
+
+The trainer never looks inside a batch: it moves tensors to the device, asks the task for the
+loss, and all-reduces metric states, which are plain 1-d tensors of sums so that distributed
+accumulation equals single-process accumulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+# A decoded shard sample: "__key__", "__url__", "image" (uint8 HxWx3 numpy), "meta" (dict from the
+# json field) and the task's label fields ("depth": float32 HxW metres, "label"/"mask": uint8 HxW).
+Sample = dict[str, Any]
+# A collated batch: "image" float32 [B,3,H,W] in [0,1] plus the task's tensors.
+Batch = dict[str, Any]
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    """Options every task has. Task-specific options live in a subclass (``Task.config_class``).
+
+    Field names are permanent config keys (``tasks.<name>.<field>`` in YAML).
+    """
+
+    train_shards: str | None = None  # brace pattern or comma list of shard URLs
+    val_shards: str | None = None
+    test_shards: str | None = None
+    loss_weight: float = 1.0  # multitask: weight of this task's loss
+    ratio: float = 1.0  # multitask: share of steps that draw a batch of this task
+    batch_size: int = 2  # micro-batch per worker
+    eval_batch_size: int = 1
+
+
+class Metric:
+    """Accumulates sums over a split; ``state`` is all-reduced across workers before ``compute``."""
+
+    def update(self, pred: torch.Tensor, batch: Batch) -> None:
+        raise NotImplementedError
+
+    def state(self) -> torch.Tensor:
+        """A 1-d float64 tensor of sums; element-wise addition merges two accumulators."""
+        raise NotImplementedError
+
+    def load_state(self, state: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class Task:
+    """Base class of a registered task (see ``vpd_ray.tasks.register_task``)."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[TaskConfig]] = TaskConfig
+    # The metric that selects the best checkpoint / Tune trial, and whether lower is better.
+    primary_metric: ClassVar[str]
+    metric_mode: ClassVar[str]  # "min" or "max"
+    # Shard fields this task decodes (a whitelist: anything else in a shard is an error).
+    fields: ClassVar[tuple[str, ...]]
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+
+    # --- model side -------------------------------------------------------------------------
+    @property
+    def uses_attention_maps(self) -> bool:
+        """Whether the backbone concatenates cross-attention maps onto f2/f3 for this task."""
+        return False
+
+    def context_tokens(self) -> int:
+        """T, the number of cross-attention context tokens this task feeds the backbone."""
+        raise NotImplementedError
+
+    def build_head(self, backbone: nn.Module) -> nn.Module:
+        """The head, sized from ``backbone.feature_info(...)``. May register class embeddings."""
+        raise NotImplementedError
+
+    def context(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Raw text context ``[B, T, D]`` (before the backbone's text adapter)."""
+        raise NotImplementedError
+
+    def loss(self, outputs: Any, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(self, forward: Callable[[torch.Tensor, Batch], Any], batch: Batch) -> torch.Tensor:
+        """The test-time protocol. ``forward(images, batch)`` runs backbone + head on images."""
+        raise NotImplementedError
+
+    def metric(self) -> Metric:
+        raise NotImplementedError
+
+    # --- data side --------------------------------------------------------------------------
+    def train_transform(self, sample: Sample, rng: "Any") -> dict[str, Any]:
+        """Augment one decoded sample into fixed-shape tensors (``rng``: numpy Generator)."""
+        raise NotImplementedError
+
+    def eval_transform(self, sample: Sample) -> dict[str, Any]:
+        raise NotImplementedError
