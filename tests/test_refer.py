@@ -1,0 +1,91 @@
+"""Referring segmentation: top-down decoder, oIoU/mIoU/P@k accumulator, resize."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vpd_ray.data.augment.refer import pick_sentence, resize_square
+from vpd_ray.metrics.refer import ReferMetric, mask_iou
+from vpd_ray.model.heads.refer import ReferDecoder
+
+SD_INFO_T40 = [{"num_chs": 320, "reduction": 8}, {"num_chs": 680, "reduction": 16},
+               {"num_chs": 1320, "reduction": 32}, {"num_chs": 1280, "reduction": 64}]  # fmt: skip
+TINY_INFO = [{"num_chs": 8, "reduction": 8}, {"num_chs": 16 + 6, "reduction": 16},
+             {"num_chs": 32 + 6, "reduction": 32}, {"num_chs": 32, "reduction": 64}]  # fmt: skip
+
+
+def test_decoder_hidden_is_half_the_coarsest_channels_like_the_reference():
+    dec = ReferDecoder(SD_INFO_T40)
+    assert dec.fuse4[0].in_channels == 1280 + 1320 and dec.fuse4[0].out_channels == 640
+    assert dec.fuse3[0].in_channels == 640 + 680 and dec.fuse2[0].in_channels == 640 + 320
+    assert dec.classifier.out_channels == 2
+
+
+def test_decoder_logits_cover_the_unpadded_image_and_train():
+    dec = ReferDecoder(TINY_INFO, hidden=8)
+    feats = [torch.randn(2, i["num_chs"], 128 // i["reduction"], 128 // i["reduction"]) for i in TINY_INFO]
+    logits = dec(feats, (120, 128))
+    assert logits.shape == (2, 2, 120, 128)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in dec.parameters())
+
+
+def test_decoder_needs_four_levels():
+    with pytest.raises(ValueError, match="4 feature levels"):
+        ReferDecoder(TINY_INFO[:3])
+
+
+def test_mask_iou_hand_computed_and_empty_union_is_zero():
+    pred = torch.tensor([[[1, 1, 0, 0]], [[0, 0, 0, 0]]])
+    target = torch.tensor([[[0, 1, 1, 0]], [[0, 0, 0, 0]]])
+    inter, union, iou = mask_iou(pred, target)
+    assert inter.tolist() == [1, 0] and union.tolist() == [3, 0] and iou.tolist() == [pytest.approx(1 / 3), 0.0]
+
+
+def test_refer_metric_scores_every_valid_sentence():
+    metric = ReferMetric()
+    target = torch.tensor([[[1, 1, 1, 1, 0, 0, 0, 0, 0, 0]]])  # [B=1, H=1, W=10], 4 object pixels
+    pred = torch.stack([
+        torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0, 0, 0]]),  # IoU 1
+        torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0, 0, 0]]),  # IoU 3/4
+        torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0, 0, 0]]),  # IoU 2/4
+        torch.tensor([[0, 0, 0, 0, 0, 0, 0, 0, 1, 1]]),  # padded slot: ignored
+    ])[None]  # [1, S=4, 1, 10]
+    metric.update(pred, {"mask": target, "sentence_valid": torch.tensor([[True, True, True, False]])})
+    out = metric.compute()
+    assert out["oIoU"] == pytest.approx((4 + 3 + 2) / (4 + 4 + 4))
+    assert out["mIoU"] == pytest.approx((1 + 0.75 + 0.5) / 3)
+    assert out["P@0.5"] == pytest.approx(1.0)  # >= 0.5 counts, as in the reference
+    assert out["P@0.7"] == pytest.approx(2 / 3)
+    assert out["P@0.8"] == pytest.approx(1 / 3)
+
+
+def test_refer_metric_distributed_states_sum_to_single_process():
+    gen = torch.Generator().manual_seed(0)
+    single, ranks = ReferMetric(), [ReferMetric(), ReferMetric()]
+    for i in range(6):
+        batch = {"mask": torch.randint(0, 2, (2, 6, 6), generator=gen)}
+        pred = torch.randint(0, 2, (2, 6, 6), generator=gen)
+        single.update(pred, batch)
+        ranks[i % 2].update(pred, batch)
+    merged = ReferMetric()
+    merged.load_state(ranks[0].state() + ranks[1].state())
+    assert merged.compute() == pytest.approx(single.compute())
+
+
+def test_resize_square_keeps_mask_binary():
+    image = np.zeros((30, 50, 3), dtype=np.uint8)
+    mask = np.zeros((30, 50), dtype=np.uint8)
+    mask[10:20, 10:30] = 1
+    img, msk = resize_square(image, mask, 64)
+    assert img.shape == (3, 64, 64) and msk.shape == (64, 64)
+    assert set(msk.unique().tolist()) == {0, 1}
+
+
+def test_pick_sentence_draws_each_sentence():
+    rng = np.random.default_rng(0)
+    assert {pick_sentence(["a", "b", "c"], rng) for _ in range(50)} == {"a", "b", "c"}
+    with pytest.raises(ValueError):
+        pick_sentence([], rng)

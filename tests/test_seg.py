@@ -1,0 +1,138 @@
+"""Segmentation: Semantic FPN head, mIoU accumulator, ADE20K augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vpd_ray.data.augment.seg import (
+    photometric_distortion,
+    random_crop,
+    reduce_zero_label,
+    rescale_size,
+    seg_train_augment,
+)
+from vpd_ray.metrics.seg import SegMetric, intersect_and_union
+from vpd_ray.model.heads.seg import SemanticFPNHead
+
+TINY_INFO = [{"num_chs": 8, "reduction": 8}, {"num_chs": 16 + 5, "reduction": 16},
+             {"num_chs": 32 + 5, "reduction": 32}, {"num_chs": 32, "reduction": 64}]  # fmt: skip
+
+
+def _feats(batch: int, padded_hw: tuple[int, int]) -> list[torch.Tensor]:
+    h, w = padded_hw
+    return [torch.randn(batch, i["num_chs"], h // i["reduction"], w // i["reduction"]) for i in TINY_INFO]
+
+
+def test_fpn_head_logits_cover_the_unpadded_image_and_train():
+    head = SemanticFPNHead(TINY_INFO, num_classes=7, neck_channels=16, channels=8)
+    feats = _feats(2, (128, 128))  # a 128x96 image padded to 128x128
+    logits = head(feats, (128, 96))
+    assert logits.shape == (2, 7, 128, 96)
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+def test_fpn_head_scale_heads_follow_mmseg_depths():
+    head = SemanticFPNHead(TINY_INFO, num_classes=3, neck_channels=16, channels=8)
+    convs = [sum(isinstance(m, torch.nn.Conv2d) for m in sh.modules()) for sh in head.head.scale_heads]
+    assert convs == [1, 1, 2, 3]  # max(1, log2(stride / 8)) blocks per level
+
+
+def test_fpn_head_rejects_bad_num_classes():
+    with pytest.raises(ValueError, match="num_classes"):
+        SemanticFPNHead(TINY_INFO, num_classes=0)
+
+
+def test_intersect_and_union_matches_hand_computed_confusion():
+    label = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 2]])
+    # kept pixels (label != 255): pairs (l,p) = (0,0) (0,1) (1,1) (1,1) (2,2) (2,0) (1,2)
+    areas = intersect_and_union(pred, label, num_classes=3)
+    intersect, union, area_pred, area_label = areas.tolist()
+    assert intersect == [1, 2, 1]
+    assert area_pred == [2, 3, 2]
+    assert area_label == [2, 3, 2]
+    assert union == [3, 4, 3]
+
+
+def test_seg_metric_miou_aacc_and_absent_classes():
+    metric = SegMetric(num_classes=4, class_names=["a", "b", "c", "d"])
+    metric.update(torch.tensor([[[0, 1, 1, 1], [2, 0, 0, 2]]]), {"label": torch.tensor([[[0, 0, 1, 1], [2, 2, 255, 1]]])})
+    out = metric.compute()
+    assert out["mIoU"] == pytest.approx((1 / 3 + 2 / 4 + 1 / 3) / 3)  # class "d" never occurs: not averaged
+    assert out["aAcc"] == pytest.approx(4 / 7)
+    assert out["IoU.b"] == pytest.approx(0.5)
+    assert np.isnan(out["IoU.d"])
+
+
+def test_seg_metric_sums_over_images_before_dividing():
+    metric = SegMetric(num_classes=2)
+    metric.update(torch.zeros(1, 1, 4, dtype=torch.long), {"label": torch.tensor([[[0, 0, 0, 1]]])})
+    metric.update(torch.ones(1, 1, 4, dtype=torch.long), {"label": torch.tensor([[[1, 1, 1, 1]]])})
+    # class 1: I = 4, U = 1 + 4 = 5 (summed), not the mean of per-image IoUs (0 and 1)
+    assert metric.compute()["IoU.1"] == pytest.approx(4 / 5)
+
+
+def test_seg_metric_distributed_states_sum_to_single_process():
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 5, (2, 8, 8), generator=gen), torch.randint(0, 6, (2, 8, 8), generator=gen)) for _ in range(4)]
+    batches = [(p, torch.where(lab == 5, 255, lab)) for p, lab in batches]
+    single, ranks = SegMetric(5), [SegMetric(5), SegMetric(5)]
+    for i, (pred, label) in enumerate(batches):
+        single.update(pred, {"label": label})
+        ranks[i % 2].update(pred, {"label": label})
+    merged = SegMetric(5)
+    merged.load_state(ranks[0].state() + ranks[1].state())  # what an all-reduce(SUM) does
+    assert merged.compute() == pytest.approx(single.compute(), nan_ok=True)
+    assert single.state().dtype == torch.float64 and single.state().dim() == 1
+
+
+def test_reduce_zero_label_shifts_and_ignores_other():
+    out = reduce_zero_label(np.array([[0, 1, 150, 2]], dtype=np.uint8))
+    assert out.tolist() == [[255, 0, 149, 1]]
+
+
+@pytest.mark.parametrize(("hw", "scale", "expected"), [((512, 683), (2048, 512), (512, 683)),
+                                                        ((256, 256), (2048, 512), (512, 512)),
+                                                        ((100, 1000), (2048, 512), (205, 2048))])  # fmt: skip
+def test_rescale_size_keeps_ratio_inside_the_scale(hw, scale, expected):
+    assert rescale_size(hw, scale) == expected
+
+
+def _share_balanced(cat_max_ratio: float) -> float:
+    """Share of crops (over many seeds) in which no class fills 75% or more, on a half/half label."""
+    label = np.zeros((32, 128), dtype=np.uint8)
+    label[:, 64:] = 1
+    image = np.zeros((32, 128, 3), dtype=np.uint8)
+    ok = 0
+    for seed in range(200):
+        _, crop = random_crop(image, label, np.random.default_rng(seed), 32, cat_max_ratio)
+        ok += np.bincount(crop.ravel(), minlength=2).max() / crop.size < 0.75
+    return ok / 200
+
+
+def test_random_crop_cat_max_ratio_redraws_single_class_crops():
+    # one draw is balanced with p ~ 0.16; with up to 10 redraws it is balanced with p ~ 0.85
+    assert _share_balanced(1.0) < 0.3
+    assert _share_balanced(0.75) > 0.7
+
+
+def test_photometric_distortion_changes_colours_not_geometry():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    outs = [photometric_distortion(image, np.random.default_rng(s)) for s in range(8)]
+    assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outs)
+    assert any(not np.array_equal(o, image) for o in outs)
+
+
+def test_train_augment_pads_small_crops_with_ignore():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    label = rng.integers(0, 3, (40, 60)).astype(np.uint8)
+    # scale (128, 32) with ratio 1 shrinks the short side to 32 < crop 64: everything outside is padding
+    img, lab = seg_train_augment(image, label, rng, scale=(128, 32), ratio_range=(1.0, 1.0), crop_size=64)
+    assert img.shape == (3, 64, 64) and lab.shape == (64, 64)
+    assert (lab[32:] == 255).all() and (img[:, 32:] == 0.5).all()
+    assert set(lab[:32, :48].unique().tolist()) <= {0, 1, 2}
