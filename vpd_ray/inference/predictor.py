@@ -1,0 +1,190 @@
+"""The predictor: one model per actor, mapping batches of raw inputs to files on disk.
+
+Ray Data's batch-inference pattern (STYLE.md): ``__init__`` loads the model package once,
+``__call__`` maps one batch. Outputs are written inside the actor, so only a small status row per
+image travels back to the driver. The same class run in-process is the plain-loop baseline of
+``python -m vpd_ray.bench infer``, so both paths share every line of model code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vpd_ray.data import decode
+from vpd_ray.inference import sources, writers
+
+WRITTEN, SKIPPED, FAILED = "written", "skipped", "failed"
+# Depth context for photos with no known scene class: the mean class embedding (VPD.md).
+UNKNOWN_CLASS = -1
+
+
+def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Ray's column batch -> a list of row dicts."""
+    n = len(next(iter(batch.values())))
+    return [{key: column[i] for key, column in batch.items()} for i in range(n)]
+
+
+def _fit(image: np.ndarray, max_side: int | None) -> np.ndarray:
+    """Downscale (keeping the aspect ratio) so the longer side is at most ``max_side``."""
+    h, w = image.shape[:2]
+    if not max_side or max(h, w) <= max_side:
+        return image
+    from PIL import Image
+
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+
+
+class Predictor:
+    """Callable class for ``Dataset.map_batches``: raw input rows in, status rows out.
+
+    Rows carry the image as ``bytes`` (folder/glob), a ``path`` to read (referring pairs, with
+    ``sentence``) or whitelisted shard fields (``jpg``/``png``, ``json``). Each image is decoded,
+    predicted at (at most) ``max_side`` and written at its original size; an image that cannot be
+    read or decoded becomes a ``failed`` row with the reason instead of stopping the job.
+    """
+
+    def __init__(
+        self,
+        package: str,
+        output_dir: str,
+        task: str | None = None,
+        protocol: bool = False,
+        preview: bool = False,
+        root: str = "",
+        max_side: int | None = None,
+        device: str | None = None,
+    ):
+        import torch
+
+        from vpd_ray.package import load_package
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, _ = load_package(package)
+        self.model.eval().to(self.device)
+        self.task = pick_task(self.model, task)
+        self.output_dir = Path(output_dir)
+        self.protocol, self.preview, self.root, self.max_side = protocol, preview, root, max_side
+
+    # --- one batch ----------------------------------------------------------------------------
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        statuses: list[tuple[str, str, str, str]] = []  # (source, name, status, error)
+        todo: list[tuple[str, str, np.ndarray, str | None]] = []  # (source, name, image, sentence)
+        for row in _rows(batch):
+            source, name = self._identify(row)
+            if sources.output_path(self.output_dir, name).exists():
+                statuses.append((source, name, SKIPPED, ""))
+                continue
+            try:
+                image = self._decode(row)
+            except Exception as err:  # noqa: BLE001 - any unreadable input is reported, not fatal
+                statuses.append((source, name, FAILED, f"{type(err).__name__}: {err}"))
+                continue
+            todo.append((source, name, image, row.get("sentence")))
+        predictions = self.predict([t[2] for t in todo], [t[3] for t in todo])
+        for (source, name, _, _), prediction in zip(todo, predictions):
+            self._write(name, prediction)
+            statuses.append((source, name, WRITTEN, ""))
+        columns = list(zip(*statuses)) if statuses else [(), (), (), ()]
+        return {key: np.array(values, dtype=object) for key, values in zip(("source", "name", "status", "error"), columns)}
+
+    def _identify(self, row: dict[str, Any]) -> tuple[str, str]:
+        """(what to name in the report, output name) of one row."""
+        if "__key__" in row:
+            return f"{row['__url__']}#{row['__key__']}", str(row["__key__"])
+        if "name" in row:
+            return str(row["path"]), str(row["name"])
+        return str(row["path"]), sources.output_name(str(row["path"]), self.root)
+
+    @staticmethod
+    def _decode(row: dict[str, Any]) -> np.ndarray:
+        """The row's image as uint8 HxWx3, through the data pipeline's whitelist decoder."""
+        if "__key__" in row:
+            raw = {ext: row[ext] for ext in sources.SHARD_FIELDS if ext != "json" and row.get(ext) is not None}
+            return decode.decode_sample(raw, str(row["__key__"]), str(row["__url__"]), set(raw))["image"]
+        data = row["bytes"] if "bytes" in row else Path(row["path"]).read_bytes()
+        return decode.decode_image(data)
+
+    def _write(self, name: str, prediction: np.ndarray) -> None:
+        path = sources.output_path(self.output_dir, name)
+        if prediction.dtype.kind == "f":
+            writers.write_depth_png(path, prediction)
+            if self.preview:
+                writers.write_depth_preview(self.output_dir / "preview" / f"{name}.jpg", prediction)
+        else:
+            writers.write_label_png(path, prediction)
+
+    # --- the model ----------------------------------------------------------------------------
+    def predict(self, images: list[np.ndarray], sentences: list[str | None]) -> list[np.ndarray]:
+        """Predictions at each image's own size: float HxW (a regression map) or int HxW (labels).
+
+        Images of equal size after ``max_side`` share one forward pass.
+        """
+        results: list[np.ndarray | None] = [None] * len(images)
+        fitted = [_fit(image, self.max_side) for image in images]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(fitted):
+            groups.setdefault(image.shape, []).append(i)
+        for indices in groups.values():
+            outputs = self._forward(
+                np.stack([fitted[i] for i in indices]),
+                [sentences[i] for i in indices],
+                [images[i].shape[:2] for i in indices],
+            )
+            for i, output in zip(indices, outputs):
+                results[i] = output
+        return results  # type: ignore[return-value]
+
+    def _forward(self, images: np.ndarray, sentences: list[str | None], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        """One stacked batch ``[B,H,W,3]`` uint8 -> per-image predictions resized to ``sizes``."""
+        import torch
+        import torch.nn.functional as F
+
+        pixels = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 255.0  # [B,3,H,W]
+        batch = model_inputs(self.task, pixels, sentences)
+        with torch.inference_mode():
+            if self.protocol:
+                scores = self.model.predict(self.task.name, batch)
+            else:
+                scores = self.model(self.task.name, batch)
+        scores = as_score_maps(scores)  # [B,C,h,w]
+        outputs = []
+        for score, size in zip(scores, sizes):
+            if tuple(score.shape[-2:]) != tuple(size):
+                score = F.interpolate(score[None], size=size, mode="bilinear", align_corners=False)[0]
+            outputs.append(score[0].float().cpu().numpy() if score.shape[0] == 1 else score.argmax(0).to(torch.uint8).cpu().numpy())
+        return outputs
+
+
+def pick_task(model: Any, name: str | None) -> Any:
+    """The model's task called ``name``; with ``None`` the model must have exactly one task."""
+    tasks = model.tasks
+    if name is None:
+        if len(tasks) != 1:
+            raise ValueError(f"the package holds tasks {sorted(tasks)}: choose one with --task")
+        return next(iter(tasks.values()))
+    if name not in tasks:
+        raise ValueError(f"--task {name!r} is not in the package (tasks: {', '.join(sorted(tasks))})")
+    return tasks[name]
+
+
+def model_inputs(task: Any, pixels: Any, sentences: list[str | None]) -> dict[str, Any]:
+    """The batch a task's context builder needs for images with no labels."""
+    import torch
+
+    batch: dict[str, Any] = {"image": pixels}
+    if any(s is not None for s in sentences):
+        batch["sentence"] = [s or "" for s in sentences]
+    batch["class_id"] = torch.full((pixels.shape[0],), UNKNOWN_CLASS, dtype=torch.long, device=pixels.device)
+    return batch
+
+
+def as_score_maps(output: Any) -> Any:
+    """A model output -> ``[B,C,H,W]`` (C=1 for regression)."""
+    if isinstance(output, dict):
+        output = output["pred"]
+    return output[:, None] if output.ndim == 3 else output

@@ -1,0 +1,126 @@
+"""The driver side of batch inference: plan, run the Ray Data pipeline, report.
+
+    resolve --input -> drop inputs whose output exists -> Ray Data read -> map_batches(Predictor)
+    in an actor pool -> status rows streamed back -> progress lines -> report file + summary line
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from vpd_ray.inference import predictor, sources
+
+REPORT_NAME = "infer_report.json"
+
+
+@dataclasses.dataclass
+class InferOptions:
+    """Options of ``python -m vpd_ray.infer`` (field names are the CLI flags)."""
+
+    model: str
+    input: str
+    output: str
+    task: str | None = None
+    protocol: bool = False
+    preview: bool = False
+    max_side: int | None = 1024
+    batch_size: int = 4
+    concurrency: int | None = None  # actors; default: one per GPU, else one
+    num_cpus_per_actor: float = 1.0
+
+
+@dataclasses.dataclass
+class InferSummary:
+    images: int  # inputs found
+    written: int
+    skipped: int  # outputs that already existed
+    failed: int
+    seconds: float
+    failures: list[dict[str, str]]
+
+    @property
+    def images_per_s(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self, output: str) -> str:
+        return (
+            f"infer: {self.images} images, {self.written} written, {self.skipped} skipped (existing), "
+            f"{self.failed} failed, {self.seconds:.1f} s, {self.images_per_s:.2f} images/s -> {output}"
+        )
+
+
+class Progress:
+    """Counts status rows and prints a throughput line at most every ``every_s`` seconds."""
+
+    def __init__(self, total: int, skipped: int, stream: TextIO = sys.stderr, every_s: float = 5.0):
+        self.total, self.stream, self.every_s = total, stream, every_s
+        self.counts = {predictor.WRITTEN: 0, predictor.SKIPPED: skipped, predictor.FAILED: 0}
+        self.failures: list[dict[str, str]] = []
+        self.start = self.last = time.perf_counter()
+
+    def update(self, rows: dict[str, Any]) -> None:
+        for source, status, error in zip(rows["source"], rows["status"], rows["error"]):
+            self.counts[status] += 1
+            if status == predictor.FAILED:
+                self.failures.append({"input": str(source), "error": str(error)})
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            print(f"infer: {sum(self.counts.values())}/{self.total} done, {self.counts[predictor.FAILED]} failed, "
+                  f"{self.counts[predictor.WRITTEN] / (now - self.start):.2f} images/s", file=self.stream, flush=True)
+
+    def summary(self) -> InferSummary:
+        return InferSummary(self.total, self.counts[predictor.WRITTEN], self.counts[predictor.SKIPPED],
+                            self.counts[predictor.FAILED], time.perf_counter() - self.start, self.failures)
+
+
+def actor_resources(concurrency: int | None, num_cpus: float) -> dict[str, Any]:
+    """``map_batches`` resources: one GPU per actor where the cluster has GPUs, CPU otherwise."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:
+        return {"concurrency": concurrency or gpus, "num_gpus": 1}
+    return {"concurrency": concurrency or 1, "num_cpus": num_cpus}
+
+
+def predictor_kwargs(opts: InferOptions, source: sources.InferenceInput) -> dict[str, Any]:
+    return {"package": opts.model, "output_dir": opts.output, "task": opts.task, "protocol": opts.protocol,
+            "preview": opts.preview, "root": source.root, "max_side": opts.max_side}
+
+
+def run_inference(opts: InferOptions, stream: TextIO = sys.stderr) -> InferSummary:
+    """Run one inference job (Ray must be initialised); writes ``OUT/infer_report.json``."""
+    source = sources.resolve_input(opts.input)
+    total = len(source) if source.kind != "shards" else 0  # shard samples are counted as they stream
+    source, skipped = sources.drop_existing(source, opts.output)
+    progress = Progress(total, skipped, stream)
+    if len(source):
+        dataset = sources.build_dataset(source).map_batches(
+            predictor.Predictor,
+            fn_constructor_kwargs=predictor_kwargs(opts, source),
+            batch_size=opts.batch_size,
+            batch_format="numpy",
+            **actor_resources(opts.concurrency, opts.num_cpus_per_actor),
+        )
+        for rows in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            progress.update(rows)
+    summary = progress.summary()
+    if source.kind == "shards":
+        summary.images = summary.written + summary.skipped + summary.failed
+    write_report(summary, opts)
+    return summary
+
+
+def write_report(summary: InferSummary, opts: InferOptions) -> Path:
+    """``OUT/infer_report.json``: the counts, the options and every failed input with its reason."""
+    path = Path(opts.output) / REPORT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = {**dataclasses.asdict(summary), "images_per_s": summary.images_per_s, "options": dataclasses.asdict(opts)}
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path

@@ -1,0 +1,163 @@
+"""What to run inference on: a folder, a glob, webdataset shards, or a JSONL of (image, sentence).
+
+``resolve_input`` turns the ``--input`` string into an :class:`InferenceInput` on the driver,
+without reading any image: file lists are known up front, so outputs that already exist are
+filtered out before Ray reads a byte (a crashed job re-runs cheaply). ``build_dataset`` then makes
+the Ray Data dataset the predictor actors consume.
+
+Output names mirror input names: ``DIR/sub/img.jpg`` under ``--input DIR`` becomes
+``OUT/sub/img.png``; a shard sample becomes ``OUT/<__key__>.png``; the n-th (0-based) line of a
+referring JSONL becomes ``OUT/<image name>__<id or n>.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Shard fields an inference job may read: the image and its metadata. Everything else in a shard
+# (labels, and any pickled field an untrusted shard might carry) is never even grouped into a row.
+SHARD_FIELDS = ("jpg", "jpeg", "png", "json")
+OUTPUT_SUFFIX = ".png"
+
+
+@dataclasses.dataclass
+class InferenceInput:
+    """The resolved ``--input``.
+
+    ``kind`` is ``"files"`` (``paths`` with ``root``), ``"pairs"`` (``pairs``: dicts with
+    ``path``, ``name``, ``sentence``) or ``"shards"`` (``urls``).
+    """
+
+    kind: str
+    root: str = ""
+    paths: list[str] = dataclasses.field(default_factory=list)
+    pairs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    urls: list[str] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths) + len(self.pairs) + len(self.urls)
+
+
+def output_name(path: str, root: str) -> str:
+    """The output name (no suffix) of an input file: its path relative to ``root``, minus extension."""
+    return os.path.splitext(os.path.relpath(path, root))[0]
+
+
+def output_path(output_dir: str | Path, name: str) -> Path:
+    return Path(output_dir) / f"{name}{OUTPUT_SUFFIX}"
+
+
+def _is_shard_spec(spec: str) -> bool:
+    return spec.endswith(".tar") or spec.endswith(".tar}") or (".tar" in spec and "{" in spec)
+
+
+def _expand_shards(spec: str) -> list[str]:
+    """Brace patterns (``nyu-{000..007}.tar``), comma lists and globs -> existing shard files."""
+    from vpd_ray.config import expand_urls
+
+    urls: list[str] = []
+    for pattern in expand_urls(spec):
+        urls.extend(sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern])
+    missing = [url for url in urls if not os.path.isfile(url)]
+    if missing:
+        raise FileNotFoundError(f"shard(s) not found: {', '.join(missing[:5])}")
+    return urls
+
+
+def _list_images(spec: str) -> tuple[str, list[str]]:
+    """A folder (searched recursively), a glob or one file -> (root for output names, sorted paths)."""
+    if os.path.isdir(spec):
+        root = spec
+        paths = [str(p) for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    elif glob.has_magic(spec):
+        magic_at = min(i for i, c in enumerate(spec) if c in "*?[")
+        root = os.path.dirname(spec[:magic_at]) or "."
+        paths = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
+    elif os.path.isfile(spec):
+        root, paths = os.path.dirname(spec) or ".", [spec]
+    else:
+        raise FileNotFoundError(f"--input {spec!r} is neither a folder, a glob, a shard pattern nor a file")
+    if not paths:
+        raise FileNotFoundError(f"--input {spec!r} matches no image ({', '.join(IMAGE_EXTENSIONS)})")
+    return root, sorted(paths)
+
+
+def _check_unique_names(names: list[str], sources: list[str]) -> None:
+    """Two inputs must never write one output (``a.jpg`` and ``a.png`` side by side would)."""
+    seen: dict[str, str] = {}
+    for name, source in zip(names, sources):
+        if name in seen:
+            raise ValueError(f"{seen[name]} and {source} would both write {name}{OUTPUT_SUFFIX}")
+        seen[name] = source
+
+
+def _read_pairs(jsonl: str) -> list[dict[str, Any]]:
+    """Referring pairs: one JSON object per line with ``image`` (relative to the JSONL's folder or
+    absolute), ``sentence`` and an optional ``id`` that names the output."""
+    base = os.path.dirname(jsonl) or "."
+    pairs = []
+    with open(jsonl, encoding="utf-8") as lines:
+        for index, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                image, sentence = entry["image"], entry["sentence"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{jsonl}:{index + 1}: expected {{\"image\": ..., \"sentence\": ...}} ({err})") from None
+            path = os.path.join(base, image)
+            name = f"{os.path.splitext(image)[0]}__{entry.get('id', index)}"
+            pairs.append({"path": path, "name": name, "sentence": str(sentence)})
+    if not pairs:
+        raise ValueError(f"{jsonl} holds no (image, sentence) pair")
+    return pairs
+
+
+def resolve_input(spec: str) -> InferenceInput:
+    """Parse ``--input``; raises FileNotFoundError / ValueError naming the bad value."""
+    if spec.endswith(".jsonl"):
+        pairs = _read_pairs(spec)
+        _check_unique_names([p["name"] for p in pairs], [p["path"] for p in pairs])
+        return InferenceInput("pairs", root=os.path.dirname(spec) or ".", pairs=pairs)
+    if _is_shard_spec(spec):
+        return InferenceInput("shards", urls=_expand_shards(spec))
+    root, paths = _list_images(spec)
+    _check_unique_names([output_name(p, root) for p in paths], paths)
+    return InferenceInput("files", root=root, paths=paths)
+
+
+def drop_existing(source: InferenceInput, output_dir: str | Path) -> tuple[InferenceInput, int]:
+    """Remove inputs whose output exists; returns the rest and how many were dropped.
+
+    Shard samples are only known once read, so the predictor checks those itself.
+    """
+    if source.kind == "files":
+        keep = [p for p in source.paths if not output_path(output_dir, output_name(p, source.root)).exists()]
+        return dataclasses.replace(source, paths=keep), len(source.paths) - len(keep)
+    if source.kind == "pairs":
+        keep = [p for p in source.pairs if not output_path(output_dir, p["name"]).exists()]
+        return dataclasses.replace(source, pairs=keep), len(source.pairs) - len(keep)
+    return source, 0
+
+
+def build_dataset(source: InferenceInput, blocks: int | None = None):
+    """The Ray Data dataset of raw inputs (image bytes are decoded by the predictor, never here).
+
+    Rows: ``files`` -> ``bytes``, ``path``; ``pairs`` -> ``path``, ``name``, ``sentence`` (the
+    predictor reads the image, so one image shared by many sentences is no special case);
+    ``shards`` -> ``__key__``, ``__url__`` and the raw bytes of the whitelisted fields.
+    """
+    import ray.data
+
+    if source.kind == "files":
+        return ray.data.read_binary_files(source.paths, include_paths=True, override_num_blocks=blocks)
+    if source.kind == "pairs":
+        return ray.data.from_items(source.pairs, override_num_blocks=blocks)
+    # decoder=None: Ray's default webdataset decoder would unpickle .pyd/.pth fields.
+    return ray.data.read_webdataset(source.urls, decoder=None, suffixes=list(SHARD_FIELDS), override_num_blocks=blocks)

@@ -1,0 +1,91 @@
+"""Writers for inference outputs: one file per input image, written atomically.
+
+Formats follow what downstream tools already read: depth as a 16-bit PNG in millimetres (the
+format of the authors' published NYUv2 predictions and of the shards' ``depth.png``), labels and
+referring masks as palette PNGs whose pixel values are the class indices (a viewer shows colours,
+``numpy.asarray(Image.open(p))`` gives the indices back).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# uint16 millimetres: 0 stays "no depth", the top value caps at 65.535 m.
+_MM_PER_M = 1000.0
+_UINT16_MAX = np.iinfo(np.uint16).max
+
+
+def atomic_save(image: Image.Image, path: Path) -> None:
+    """Save ``image`` to ``path`` through a temporary file in the same folder.
+
+    A crashed job then leaves either the whole output or none, so "skip outputs that exist"
+    never keeps a truncated file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG" if path.suffix.lower() == ".png" else None)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def depth_to_mm(depth_m: np.ndarray) -> np.ndarray:
+    """Metres (float HxW) -> uint16 millimetres, rounded and clipped to the uint16 range."""
+    if depth_m.ndim != 2:
+        raise ValueError(f"depth map must be HxW, got shape {depth_m.shape}")
+    return np.clip(np.rint(depth_m * _MM_PER_M), 0, _UINT16_MAX).astype(np.uint16)
+
+
+def write_depth_png(path: Path, depth_m: np.ndarray) -> None:
+    """16-bit PNG in millimetres; read back with ``np.asarray(Image.open(path)) / 1000``."""
+    atomic_save(Image.fromarray(depth_to_mm(depth_m)), path)
+
+
+def depth_preview(depth_m: np.ndarray, cmap: str = "magma_r") -> np.ndarray:
+    """A colour-mapped uint8 HxWx3 view of a depth map, normalised per image (near = bright)."""
+    from matplotlib import colormaps  # only previews need matplotlib
+
+    lo, hi = float(depth_m.min()), float(depth_m.max())
+    norm = (depth_m - lo) / max(hi - lo, 1e-6)
+    return (colormaps[cmap](norm)[..., :3] * 255).astype(np.uint8)
+
+
+def write_depth_preview(path: Path, depth_m: np.ndarray) -> None:
+    atomic_save(Image.fromarray(depth_preview(depth_m)), path)
+
+
+def index_palette(num_colors: int = 256) -> np.ndarray:
+    """The PASCAL VOC bit-interleaved palette, uint8 ``[num_colors, 3]``.
+
+    Neighbouring indices get clearly different colours and index 0 is black, so a 0/1 referring
+    mask shows as black/dark red and 150 ADE20K classes stay distinguishable.
+    """
+    palette = np.zeros((num_colors, 3), dtype=np.uint8)
+    for index in range(num_colors):
+        value, r, g, b = index, 0, 0, 0
+        for bit in range(8):
+            r |= ((value >> 0) & 1) << (7 - bit)
+            g |= ((value >> 1) & 1) << (7 - bit)
+            b |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        palette[index] = (r, g, b)
+    return palette
+
+
+def write_label_png(path: Path, label: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Palette PNG whose pixel values are the class indices (0..255)."""
+    if label.ndim != 2:
+        raise ValueError(f"label map must be HxW, got shape {label.shape}")
+    if label.size and (label.min() < 0 or label.max() > 255):
+        raise ValueError(f"label values must lie in 0..255 for a palette PNG, got {label.min()}..{label.max()}")
+    image = Image.fromarray(label.astype(np.uint8))  # mode "L"; putpalette turns it into "P"
+    image.putpalette((index_palette() if palette is None else palette).reshape(-1).tolist())
+    atomic_save(image, path)
