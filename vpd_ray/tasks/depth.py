@@ -1,0 +1,159 @@
+"""Monocular depth (NYUv2), VPD's protocol: one scene-class token of context, SiLog loss, and the
+test-time sliding windows with flips. The data side calls ``vpd_ray.data.augment.depth``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+from vpd_ray.metrics.depth import DepthMetric
+from vpd_ray.tasks import register_task
+from vpd_ray.tasks.base import Batch, Sample, Task, TaskConfig
+
+
+@dataclasses.dataclass
+class DepthConfig(TaskConfig):
+    """Options under ``tasks.depth``."""
+
+    crop_size: list[int] = dataclasses.field(default_factory=lambda: [480, 480])  # (h, w) train crop = test window
+    max_depth: float = 10.0  # output range (sigmoid * max_depth) and upper bound of valid gt in evaluation
+    min_depth: float = 1e-3  # lower bound of valid gt in evaluation
+    eigen_crop: bool = True  # evaluate inside the Eigen crop (480x640 images only)
+    class_set: str = "nyu"  # built-in class names ("nyu", "ade20k") the class ids index
+    class_embeddings: str | None = None  # safetensors from `python -m vpd_ray.embeddings`; None: seeded random
+    head_dim: int = 192  # decoder width; neck width is 8x this (VPD: 192 -> 1536)
+    flip_test: bool = True  # test protocol: average each window with its horizontally flipped pass
+
+
+def silog_loss(pred: torch.Tensor, gt: torch.Tensor, variance_focus: float = 0.5) -> torch.Tensor:
+    """``sqrt(mean(d^2) - 0.5 * mean(d)^2)``, ``d = log gt - log pred``, over all pixels with gt > 0."""
+    valid = gt > 0
+    if not valid.any():
+        raise ValueError("SiLog loss on a batch without any valid depth (gt > 0)")
+    d = torch.log(gt[valid]) - torch.log(pred[valid])
+    return torch.sqrt((d**2).mean() - variance_focus * d.mean() ** 2)
+
+
+def window_offsets(image_w: int, window_w: int) -> list[int]:
+    """Left edges of the fewest equally spaced ``window_w`` windows covering ``image_w`` (640/480: 0, 160)."""
+    if window_w > image_w:
+        raise ValueError(f"test window width {window_w} exceeds image width {image_w}")
+    count = -(-image_w // window_w)
+    if count == 1:
+        return [0]
+    step, rest = divmod(image_w - window_w, count - 1)
+    if rest:
+        raise ValueError(
+            f"{count} windows of width {window_w} cannot tile width {image_w} evenly "
+            f"({image_w - window_w} is not divisible by {count - 1}); pick another crop_size or image size"
+        )
+    return [i * step for i in range(count)]
+
+
+def sliding_window_predict(
+    forward: Callable[[torch.Tensor, Batch], torch.Tensor], batch: Batch, window_hw: tuple[int, int], flip: bool
+) -> torch.Tensor:
+    """The NYUv2 test protocol: windows across the width (each + its flip), averaged where they overlap.
+
+    All windows and flips of the batch go through ``forward`` as one stacked batch; per-sample
+    tensors of ``batch`` (e.g. ``class_id``) are repeated to match.
+    """
+    images = batch["image"]  # [B, 3, H, W]
+    b, _, h, w = images.shape
+    if h != window_hw[0]:
+        raise ValueError(f"image height {h} differs from the test window height {window_hw[0]} (crop_size)")
+    offsets = window_offsets(w, window_hw[1])
+    views = [images[..., x : x + window_hw[1]] for x in offsets]
+    if flip:
+        views += [v.flip(-1) for v in views]
+    pred = forward(torch.cat(views), _repeat_batch(batch, b, len(views)))  # [n*B, 1, h, window_w]
+    parts = pred.split(b)
+    if flip:
+        half = len(offsets)
+        parts = [(p + q.flip(-1)) / 2 for p, q in zip(parts[:half], parts[half:])]
+    total = pred.new_zeros(b, pred.shape[1], h, w)
+    count = pred.new_zeros(1, 1, 1, w)
+    for x, part in zip(offsets, parts):
+        total[..., x : x + window_hw[1]] += part
+        count[..., x : x + window_hw[1]] += 1
+    return total / count
+
+
+def _repeat_batch(batch: Batch, size: int, times: int) -> Batch:
+    return {
+        k: torch.cat([v] * times) if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == size else v
+        for k, v in batch.items()
+    }
+
+
+@register_task
+class DepthTask(Task):
+    name = "depth"
+    config_class = DepthConfig
+    primary_metric = "rmse"
+    metric_mode = "min"
+    fields = ("jpg", "png", "depth.png", "json")
+    cfg: DepthConfig
+
+    # --- model side -------------------------------------------------------------------------
+    def context_tokens(self) -> int:
+        return 1
+
+    def build_head(self, backbone: Any) -> torch.nn.Module:
+        """The depth head; registers ``backbone.class_embeddings[class_set]`` if not there yet."""
+        from vpd_ray.model.backbone import ClassEmbeddings
+        from vpd_ray.model.heads.depth import DepthHead
+
+        if self.cfg.class_set not in backbone.class_embeddings:
+            vectors = class_vectors(self.cfg.class_set, self.cfg.class_embeddings, backbone.text_dim)
+            backbone.class_embeddings[self.cfg.class_set] = ClassEmbeddings(vectors)
+        return DepthHead(backbone.feature_info(), head_dim=self.cfg.head_dim, max_depth=self.cfg.max_depth)
+
+    def context(self, backbone: Any, batch: Batch) -> torch.Tensor:
+        """The scene's class embedding as one token ``[B, 1, D]`` (class id -1: mean of all classes)."""
+        return backbone.class_embeddings[self.cfg.class_set](batch["class_id"])[:, None]
+
+    def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return silog_loss(outputs, batch["depth"])
+
+    def predict(self, forward: Callable[[torch.Tensor, Batch], Any], batch: Batch) -> torch.Tensor:
+        return sliding_window_predict(forward, batch, tuple(self.cfg.crop_size), self.cfg.flip_test)
+
+    def metric(self) -> DepthMetric:
+        return DepthMetric(self.cfg.min_depth, self.cfg.max_depth, self.cfg.eigen_crop)
+
+    # --- data side --------------------------------------------------------------------------
+    def train_transform(self, sample: Sample, rng: Any) -> dict[str, Any]:
+        from vpd_ray.data.augment.depth import train_augment
+
+        image, depth = train_augment(sample["image"], sample["depth"], rng, tuple(self.cfg.crop_size))
+        return {"image": image, "depth": depth, "class_id": self._class_id(sample)}
+
+    def eval_transform(self, sample: Sample) -> dict[str, Any]:
+        from vpd_ray.data.augment.depth import eval_transform
+
+        image, depth = eval_transform(sample["image"], sample["depth"])
+        return {"image": image, "depth": depth, "class_id": self._class_id(sample)}
+
+    def _class_id(self, sample: Sample) -> torch.Tensor:
+        """``meta["class_id"]``, else the index of ``meta["scene"]`` in the class set, else -1 (unknown)."""
+        from vpd_ray.model.text import class_names
+
+        meta = sample.get("meta", {})
+        if "class_id" in meta:
+            return torch.tensor(int(meta["class_id"]), dtype=torch.long)
+        names = class_names(self.cfg.class_set)
+        scene = meta.get("scene")
+        return torch.tensor(names.index(scene) if scene in names else -1, dtype=torch.long)
+
+
+def class_vectors(class_set: str, path: str | None, text_dim: int) -> torch.Tensor:
+    """``[N, D]`` class embeddings from ``path``, or seeded random ones (tiny / synthetic runs)."""
+    from vpd_ray.model.text import class_names, load_class_embeddings
+
+    count = len(class_names(class_set))
+    if path:
+        return load_class_embeddings(path, num_classes=count, dim=text_dim)
+    return torch.randn(count, text_dim, generator=torch.Generator().manual_seed(0))
