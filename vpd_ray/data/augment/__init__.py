@@ -1,0 +1,1 @@
+"""Per-task augmentation on decoded samples (numpy in, fixed-shape torch tensors out)."""

@@ -1,0 +1,211 @@
+"""Train and eval streams over webdataset shards, split exactly once across ranks and loader workers.
+
+The split rule (why no rank ever hangs): every epoch the shards are put in an order (shuffled from
+``seed + epoch`` for training, as listed for eval) and their samples, concatenated, are cut into
+``world_size x num_workers`` contiguous ranges whose lengths differ by at most one. Each loader
+worker (a "slot") reads only its range, stepping over the members before it. So the split is at
+sample level: any shard count works, uneven shards included, and a rank never goes without data.
+Counts come from the ``manifest.json`` beside the shards (or one header scan per shard).
+
+- Train: an infinite stream. Each slot walks its range of epoch ``start_epoch``, then of the next
+  epoch, ..., through a shuffle buffer (flushed at the end of each epoch), so within every epoch
+  each sample is seen exactly once across all ranks. Batches are always full, and because every
+  rank's stream is endless no rank runs out while another still steps (the trainer runs
+  ``steps_per_epoch`` steps per epoch, the same number on every rank). Needs at least one sample
+  per slot.
+- Eval: one pass in listed order; each sample exactly once across ranks, nothing dropped, the last
+  batch of a worker may be short. Ranks may differ by one batch, so an eval loop must not run a
+  collective per batch (all-reduce metric sums once at the end).
+
+Transforms: ``transform(sample, rng)`` for train (``rng`` a numpy Generator seeded from seed,
+epoch and slot) and ``transform(sample)`` for eval, i.e. ``task.train_transform`` /
+``task.eval_transform``. Each returns a dict of fixed-shape tensors; the stream adds
+``"__key__"`` (list of str in a batch) and, for train, ``"__epoch__"`` (int64 tensor).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vpd_ray.data.decode import CorruptSampleError, decode_sample, wanted_extensions
+from vpd_ray.data.tario import TruncatedShardError, expand_urls, iter_raw_samples, shard_counts
+
+log = logging.getLogger(__name__)
+
+# (shard index, samples to skip, samples to take)
+Piece = tuple[int, int, int]
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Rank and world size: as given, else from Ray Train's context inside a worker, else 0 / 1."""
+    if rank is not None and world_size is not None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        return rank, world_size
+    if rank is not None or world_size is not None:
+        raise ValueError(f"give both rank and world_size or neither (got rank={rank}, world_size={world_size})")
+    if "ray.train" in sys.modules:  # never import Ray just to learn we are not in it
+        import ray.train
+
+        try:
+            context = ray.train.get_context()
+        except RuntimeError:  # the driver, or a process Ray Train did not start
+            return 0, 1
+        return context.get_world_rank(), context.get_world_size()
+    return 0, 1
+
+
+def plan_epoch(counts: list[int], num_slots: int, order: list[int]) -> list[list[Piece]]:
+    """Cut the samples of ``order``'s shards, concatenated, into ``num_slots`` near-equal ranges.
+
+    Returns, per slot, the pieces ``(shard, skip, take)`` that make up its range.
+    """
+    total = sum(counts[i] for i in order)
+    bounds = [total * s // num_slots for s in range(num_slots + 1)]
+    plans: list[list[Piece]] = [[] for _ in range(num_slots)]
+    start = 0
+    for shard in order:
+        end = start + counts[shard]
+        for slot in range(num_slots):
+            lo, hi = max(start, bounds[slot]), min(end, bounds[slot + 1])
+            if lo < hi:
+                plans[slot].append((shard, lo - start, hi - lo))
+        start = end
+    return plans
+
+
+def epoch_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """Shard order of one epoch: a permutation from ``seed + epoch`` when shuffling."""
+    if not shuffle:
+        return list(range(num_shards))
+    return [int(i) for i in np.random.default_rng(seed + epoch).permutation(num_shards)]
+
+
+def shuffle_buffer(samples: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Yield ``samples`` in a random order using a buffer of ``size`` (1 or less: unchanged)."""
+    buffer: list[Any] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        i = int(rng.integers(len(buffer)))
+        buffer[i], sample = sample, buffer[i]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class ShardDataset(IterableDataset):
+    """Decoded, transformed samples of this rank's DataLoader worker (see the module docstring)."""
+
+    def __init__(self, urls: list[str], counts: list[int], transform: Callable, *, train: bool, seed: int,
+                 fields: tuple[str, ...] | None, rank: int, world_size: int, num_workers: int, shuffle_buffer: int,
+                 max_corrupt: int, start_epoch: int):
+        self.urls, self.counts, self.transform = urls, counts, transform
+        self.train, self.seed, self.wanted = train, seed, wanted_extensions(fields)
+        self.rank, self.world_size, self.num_workers = rank, world_size, max(num_workers, 1)
+        self.buffer, self.max_corrupt, self.start_epoch = shuffle_buffer, max_corrupt, start_epoch
+        self.corrupt = 0  # per loader worker: each worker process holds its own copy
+
+    def _slot(self) -> int:
+        info = get_worker_info()
+        return self.rank * self.num_workers + (info.id if info is not None else 0)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        slot = self._slot()
+        if not self.train:
+            yield from self._epoch(slot, epoch=0)
+            return
+        for epoch in itertools.count(self.start_epoch):
+            yield from self._epoch(slot, epoch)
+
+    def _epoch(self, slot: int, epoch: int) -> Iterator[dict[str, Any]]:
+        order = epoch_order(len(self.urls), self.seed, epoch, shuffle=self.train)
+        pieces = plan_epoch(self.counts, self.world_size * self.num_workers, order)[slot]
+        samples = self._decoded(pieces)
+        if not self.train:
+            for sample in samples:
+                yield {**self.transform(sample), "__key__": sample["__key__"]}
+            return
+        rng = np.random.default_rng((self.seed, epoch, slot))
+        for sample in shuffle_buffer(samples, self.buffer, rng):
+            yield {**self.transform(sample, rng), "__key__": sample["__key__"], "__epoch__": epoch}
+
+    def _decoded(self, pieces: list[Piece]) -> Iterator[dict[str, Any]]:
+        for shard, skip, take in pieces:
+            url = self.urls[shard]
+            try:
+                for key, raw in iter_raw_samples(url, skip, take):
+                    try:
+                        yield decode_sample(raw, key, url, self.wanted)
+                    except CorruptSampleError as err:
+                        self._count_corrupt(str(err))
+            except TruncatedShardError as err:
+                self._count_corrupt(str(err))
+
+    def _count_corrupt(self, what: str) -> None:
+        self.corrupt += 1
+        where = f"rank {self.rank} loader worker {self._slot() % self.num_workers}"
+        if self.corrupt > self.max_corrupt:
+            raise RuntimeError(f"{self.corrupt} corrupt samples in {where}, more than max_corrupt="
+                               f"{self.max_corrupt}; last: {what}")
+        log.warning("skipping corrupt sample (%d so far in %s): %s", self.corrupt, where, what)
+
+
+class Stream:
+    """Iterable of collated batches; ``epoch`` is the data epoch the next batch belongs to (train)."""
+
+    def __init__(self, dataset: ShardDataset, loader: DataLoader, batch_size: int | None):
+        self.dataset, self.loader = dataset, loader
+        self.num_samples = sum(dataset.counts)
+        world_batch = dataset.world_size * (batch_size or 1)
+        # The same on every rank, so all ranks step (and call collectives) equally often.
+        self.steps_per_epoch = max(1, self.num_samples // world_batch)
+        self.epoch = dataset.start_epoch
+        self._batches = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            yield batch
+            self._batches += 1
+            if self.dataset.train:
+                self.epoch = self.dataset.start_epoch + self._batches // self.steps_per_epoch
+
+
+def build_stream(urls: str | list[str], transform: Callable, *, train: bool, batch_size: int | None, seed: int = 0,
+                 fields: tuple[str, ...] | None = None, num_workers: int = 2, shuffle_buffer: int = 256,
+                 max_corrupt: int = 10, rank: int | None = None, world_size: int | None = None,
+                 start_epoch: int = 0) -> Stream:
+    """A train (infinite, shuffled, full batches) or eval (one pass, in order) stream of batches.
+
+    ``urls``: brace pattern / comma list / list / directory / fsspec URLs. ``fields``: the shard
+    fields to decode and require (the task's ``fields``; None: whichever known fields a sample has). ``batch_size=None`` yields single samples uncollated.
+    ``max_corrupt``: corrupt samples tolerated per loader worker before the run fails.
+    ``start_epoch``: the epoch to resume from (``Stream.epoch`` of the checkpoint).
+    """
+    rank, world_size = resolve_rank(rank, world_size)
+    shard_urls = expand_urls(urls)
+    counts = shard_counts(shard_urls)
+    slots = world_size * max(num_workers, 1)
+    if train and sum(counts) < slots:
+        raise ValueError(f"{sum(counts)} samples in {len(shard_urls)} shard(s) cannot feed {world_size} rank(s) x "
+                         f"{max(num_workers, 1)} loader worker(s); every worker needs at least one sample per epoch")
+    dataset = ShardDataset(shard_urls, counts, transform, train=train, seed=seed, fields=fields, rank=rank,
+                           world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                           max_corrupt=max_corrupt, start_epoch=start_epoch)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=torch.utils.data.default_collate if batch_size else _identity,
+                        persistent_workers=False)
+    return Stream(dataset, loader, batch_size)
+
+
+def _identity(sample: Any) -> Any:
+    return sample

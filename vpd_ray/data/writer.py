@@ -1,0 +1,225 @@
+"""Writing webdataset shards: bounded size, atomic, resumable, parallel, with a manifest.
+
+A conversion is a deterministic list of :class:`SourceItem` (one per output sample). It is cut
+into shards by count and by estimated bytes *before* anything is read, so a re-run cuts it the
+same way: a shard whose final ``.tar`` exists is complete (it only ever appears by rename of a
+finished temp file) and is skipped, which is how an interrupted conversion resumes. Missing or
+unreadable sources are skipped, listed in the manifest and counted; more than ``max_missing``
+of them (a share) fails the conversion after the manifest is written.
+
+Output: ``<out>/<prefix>-000000.tar ...`` and ``<out>/<prefix>.manifest.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Callable
+from typing import Any
+
+from vpd_ray.data.tario import MANIFEST_SUFFIX, iter_raw_samples
+
+MANIFEST_FORMAT = "vpd_ray-shards/1"
+
+
+class UnreadableSourceError(Exception):
+    """A source file that is missing or cannot be read; the sample is skipped and listed."""
+
+
+class ConversionError(Exception):
+    """The conversion cannot produce a trustworthy result (too many missing sources, stale shards)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceItem:
+    """One output sample: its key, how to produce its fields, and an estimate of their size.
+
+    ``load`` must be picklable (a ``functools.partial`` of a module-level function) so that
+    worker processes can run it; it returns ``{ext: bytes}`` or raises UnreadableSourceError.
+    """
+
+    key: str
+    load: Callable[[], dict[str, bytes]]
+    est_bytes: int
+    source: str
+
+
+def manifest_path(out_dir: str, prefix: str) -> str:
+    return os.path.join(out_dir, prefix + MANIFEST_SUFFIX)
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def read_source(path: str, verify_image: bool = False) -> bytes:
+    """Bytes of a source file exactly as stored; with ``verify_image``, checked to be a readable image."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise UnreadableSourceError(f"{path}: {err.strerror or err}") from None
+    if verify_image:
+        from PIL import Image
+
+        try:
+            Image.open(io.BytesIO(data)).verify()
+        except Exception as err:  # PIL raises many types for bad files
+            raise UnreadableSourceError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+    return data
+
+
+def key_from_path(relpath: str) -> str:
+    """A stable webdataset key from a source path: no dots or slashes (the key ends at the first dot)."""
+    stem = os.path.splitext(relpath.strip("/"))[0]
+    return stem.replace("/", "__").replace(".", "_")
+
+
+def plan_shards(items: list[SourceItem], max_count: int, max_bytes: int) -> list[list[SourceItem]]:
+    """Consecutive groups of at most ``max_count`` items and about ``max_bytes`` (an item is never split)."""
+    if max_count < 1 or max_bytes < 1:
+        raise ValueError(f"max_count and max_bytes must be positive (got {max_count}, {max_bytes})")
+    shards: list[list[SourceItem]] = []
+    current: list[SourceItem] = []
+    size = 0
+    for item in items:
+        if current and (len(current) >= max_count or size + item.est_bytes > max_bytes):
+            shards.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += item.est_bytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o444, 0  # mtime 0: byte-identical re-runs
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shard(path: str, items: list[SourceItem]) -> dict[str, Any]:
+    """Write one shard to a temp name, rename it into place, return its manifest record."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    missing, count = [], 0
+    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+        for item in items:
+            try:
+                fields = item.load()
+            except UnreadableSourceError as err:
+                missing.append({"key": item.key, "source": item.source, "reason": str(err)})
+                continue
+            for ext in sorted(fields):
+                _add_member(tar, f"{item.key}.{ext}", fields[ext])
+            count += 1
+    os.replace(tmp, path)
+    return _record(path, count, missing)
+
+
+def _record(path: str, count: int, missing: list[dict]) -> dict[str, Any]:
+    return {"name": os.path.basename(path), "count": count, "bytes": os.path.getsize(path),
+            "sha256": _sha256(path), "missing": missing}
+
+
+def existing_shard_record(path: str, items: list[SourceItem]) -> dict[str, Any]:
+    """Manifest record of a shard finished by an earlier run, checked against this run's plan."""
+    planned = {item.key: item for item in items}
+    keys = [key for key, _ in iter_raw_samples(path)]
+    stray = [key for key in keys if key not in planned]
+    if stray:
+        raise ConversionError(f"{path} holds keys this conversion would not put there (e.g. {stray[0]}): it was "
+                              "written with other options or sources; delete the output folder or use the same options")
+    present = set(keys)
+    missing = [{"key": k, "source": it.source, "reason": "absent from the shard an earlier run completed"}
+               for k, it in planned.items() if k not in present]
+    return _record(path, len(keys), missing)
+
+
+def _write_job(job: tuple[str, list[SourceItem]]) -> tuple[str, dict[str, Any]]:
+    path, items = job
+    return path, write_shard(path, items)
+
+
+def write_shards(items: list[SourceItem], out_dir: str, prefix: str, *, max_count: int = 1000,
+                 max_bytes: int = 1 << 30, workers: int = 1, max_missing: float = 0.01,
+                 info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Convert ``items`` into shards under ``out_dir``; returns the manifest (also written as JSON)."""
+    from tqdm import tqdm
+
+    if not items:
+        raise ConversionError(f"nothing to convert for {prefix}: the source list is empty")
+    keys = [item.key for item in items]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ConversionError(f"two sources map to the same key {dup!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    _remove_stale_temps(out_dir, prefix)
+    plan = plan_shards(items, max_count, max_bytes)
+    paths = [os.path.join(out_dir, shard_name(prefix, i)) for i in range(len(plan))]
+    records: dict[str, dict] = {}
+    todo = []
+    for path, group in zip(paths, plan):
+        if os.path.exists(path):
+            records[path] = existing_shard_record(path, group)
+        else:
+            todo.append((path, group))
+    done = sum(len(group) for path, group in zip(paths, plan) if path in records)
+    with tqdm(total=len(items), initial=done, unit="sample", desc=prefix, smoothing=0.1) as bar:
+        for path, record in _run_jobs(todo, workers):
+            records[path] = record
+            bar.update(record["count"] + len(record["missing"]))
+    manifest = _manifest([records[p] for p in paths], prefix, info, dict(max_count=max_count, max_bytes=max_bytes))
+    _write_json(manifest_path(out_dir, prefix), manifest)
+    share = manifest["num_missing"] / len(items)
+    if share > max_missing:
+        raise ConversionError(f"{manifest['num_missing']} of {len(items)} sources ({share:.1%}) are missing or "
+                              f"unreadable, more than max_missing={max_missing:.1%}; they are listed in "
+                              f"{manifest_path(out_dir, prefix)}")
+    return manifest
+
+
+def _run_jobs(todo: list[tuple[str, list[SourceItem]]], workers: int):
+    """``(path, record)`` of each written shard as it completes, from ``workers`` processes."""
+    if workers <= 1 or len(todo) <= 1:
+        yield from map(_write_job, todo)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+        yield from pool.imap_unordered(_write_job, todo)
+
+
+def _remove_stale_temps(out_dir: str, prefix: str) -> None:
+    """Temp files of a killed run: never complete, so never kept."""
+    for name in os.listdir(out_dir):
+        if name.startswith(prefix + "-") and ".tar.tmp-" in name:
+            os.remove(os.path.join(out_dir, name))
+
+
+def _manifest(records: list[dict], prefix: str, info: dict | None, options: dict) -> dict[str, Any]:
+    missing = [m for r in records for m in r["missing"]]
+    shards = [{k: r[k] for k in ("name", "count", "bytes", "sha256")} for r in records]
+    return {"format": MANIFEST_FORMAT, "prefix": prefix, **(info or {}), "options": options,
+            "num_samples": sum(s["count"] for s in shards), "num_missing": len(missing),
+            "shards": shards, "missing": missing}
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
