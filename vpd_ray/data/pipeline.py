@@ -161,7 +161,11 @@ class ShardDataset(IterableDataset):
 
 
 class Stream:
-    """Iterable of collated batches; ``epoch`` is the data epoch the next batch belongs to (train)."""
+    """Iterable of collated batches.
+
+    ``epoch`` (train): the epoch to resume from once the batch just yielded has been trained on,
+    i.e. ``start_epoch + batches_yielded // steps_per_epoch``; checkpoint it with the step.
+    """
 
     def __init__(self, dataset: ShardDataset, loader: DataLoader, batch_size: int | None):
         self.dataset, self.loader = dataset, loader
@@ -174,10 +178,10 @@ class Stream:
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
-            yield batch
             self._batches += 1
             if self.dataset.train:
                 self.epoch = self.dataset.start_epoch + self._batches // self.steps_per_epoch
+            yield batch
 
 
 def build_stream(urls: str | list[str], transform: Callable, *, train: bool, batch_size: int | None, seed: int = 0,

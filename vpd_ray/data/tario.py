@@ -71,8 +71,9 @@ def iter_raw_samples(url: str, skip: int = 0, take: int | None = None) -> Iterat
     """Yield ``(key, {ext: bytes})`` for samples ``skip .. skip+take`` of one shard, in tar order.
 
     Members of skipped samples are stepped over without reading their data. Raises
-    :class:`TruncatedShardError` when the tar ends inside a member; the samples before it have
-    been yielded, the incomplete one has not.
+    :class:`TruncatedShardError` when the tar ends inside a member or, with ``take`` given,
+    before ``skip + take`` samples; the samples before it have been yielded, the incomplete one
+    has not.
     """
     if take is not None and take <= 0:
         return
@@ -97,6 +98,11 @@ def iter_raw_samples(url: str, skip: int = 0, take: int | None = None) -> Iterat
                         fields[ext] = data
         except (tarfile.ReadError, EOFError) as err:
             raise TruncatedShardError(f"{url}: tar ends inside sample {index} ({key}): {err}") from None
+    if take is not None and index + 1 < skip + take:
+        # tarfile ends quietly when a cut falls on a header; only the expected count tells, and
+        # then the last sample may be missing members, so it is dropped too.
+        raise TruncatedShardError(f"{url}: tar ends after {index + 1} samples, {skip + take} expected; "
+                                  f"dropped the last one ({key}) as possibly incomplete")
     if key is not None and index >= skip:
         yield key, fields
 

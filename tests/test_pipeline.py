@@ -1,0 +1,221 @@
+"""build_stream: exactly-once splits across ranks and loader workers, resume, corrupt and forbidden
+fields, URL forms; and the NYU depth augmentation."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import io
+import json
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from vpd_ray.data import pipeline
+from vpd_ray.data.augment import depth as aug
+from vpd_ray.data.decode import ForbiddenFieldError
+from vpd_ray.data.pipeline import build_stream, plan_epoch
+from vpd_ray.data.synth import encode_jpeg
+from vpd_ray.data.tario import expand_urls
+from vpd_ray.data.writer import SourceItem, write_shards
+
+COUNTS = (7, 3, 5, 4, 6)  # five uneven shards, 25 samples
+
+
+def _fields(index: int) -> dict[str, bytes]:
+    image = np.full((8, 8, 3), index * 9 % 256, np.uint8)
+    return {"jpg": encode_jpeg(image), "json": json.dumps({"i": index}).encode()}
+
+
+def _write(out: str, counts=COUNTS, prefix: str = "t") -> list[str]:
+    """Shards of ``counts`` samples each (one shard per count), returned as paths."""
+    paths = []
+    start = 0
+    for s, count in enumerate(counts):
+        items = [SourceItem(f"k{i:04d}", functools.partial(_fields, i), 10, f"src/{i}") for i in range(start, start + count)]
+        write_shards(items, out, f"{prefix}{s}", max_count=1000)
+        paths.append(os.path.join(out, f"{prefix}{s}-000000.tar"))
+        start += count
+    return paths
+
+
+def _meta_transform(sample, rng=None):
+    return {"i": torch.tensor(sample["meta"]["i"])}
+
+
+def _take(stream, batches: int) -> list[dict]:
+    it = iter(stream)
+    return [next(it) for _ in range(batches)]
+
+
+def _seen(batches: list[dict]) -> list[tuple[str, int]]:
+    return [(k, int(e)) for b in batches for k, e in zip(b["__key__"], b["__epoch__"])]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    return _write(str(tmp_path_factory.mktemp("uneven")))
+
+
+def test_plan_epoch_covers_every_sample_once_in_near_equal_ranges():
+    plans = plan_epoch(list(COUNTS), 4, [4, 0, 3, 1, 2])
+    sizes = [sum(take for _, _, take in plan) for plan in plans]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == sum(COUNTS)
+    covered = collections.Counter((shard, skip + j) for plan in plans for shard, skip, take in plan for j in range(take))
+    assert set(covered.values()) == {1} and len(covered) == sum(COUNTS)
+
+
+def test_train_exactly_once_per_epoch_two_ranks_two_workers(shards):
+    streams = [build_stream(",".join(shards), _meta_transform, train=True, batch_size=2, seed=3, fields=("jpg", "json"),
+                            num_workers=2, shuffle_buffer=4, rank=r, world_size=2) for r in range(2)]
+    assert streams[0].steps_per_epoch == streams[1].steps_per_epoch == 25 // 4
+    seen = [_seen(_take(s, 20)) for s in streams]
+    everything = {f"k{i:04d}" for i in range(sum(COUNTS))}
+    for epoch in (0, 1):
+        keys = [k for rank in seen for k, e in rank if e == epoch]
+        assert collections.Counter(keys) == collections.Counter(everything), f"epoch {epoch}"
+    order = [[k for k, e in seen[0] if e == epoch] for epoch in (0, 1)]
+    assert order[0] != order[1], "epoch 1 was not reshuffled"
+    assert all(len(b["__key__"]) == 2 for s in streams for b in _take(s, 3))
+
+
+def test_eval_every_sample_once_nothing_dropped(shards):
+    keys = []
+    for rank in range(2):
+        stream = build_stream(shards, _meta_transform, train=False, batch_size=3, fields=("jpg", "json"),
+                              num_workers=2, rank=rank, world_size=2)
+        keys += [k for batch in stream for k in batch["__key__"]]
+    assert sorted(keys) == sorted(f"k{i:04d}" for i in range(sum(COUNTS)))
+
+
+def test_resume_from_epoch_replays_that_epoch(shards):
+    def run(start_epoch, batches):
+        stream = build_stream(shards, _meta_transform, train=True, batch_size=5, seed=1, num_workers=0,
+                              shuffle_buffer=8, rank=0, world_size=1, start_epoch=start_epoch)
+        return _seen(_take(stream, batches)), stream
+
+    full, stream = run(0, 10)
+    assert stream.epoch == 2  # 25 samples / 5 per batch: 5 steps per epoch
+    resumed, _ = run(1, 5)
+    assert resumed == [(k, e) for k, e in full if e == 1]
+
+
+def test_fewer_samples_than_workers_is_a_clear_error(tmp_path):
+    paths = _write(str(tmp_path), counts=(3,))
+    with pytest.raises(ValueError, match="cannot feed 2 rank"):
+        build_stream(paths, _meta_transform, train=True, batch_size=1, num_workers=2, rank=0, world_size=2)
+
+
+def _raw_shard(path: str, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_sample_is_skipped_and_counted_then_fails_past_limit(tmp_path, caplog):
+    good = _fields(1)
+    path = str(tmp_path / "c-000000.tar")
+    _raw_shard(path, [("a.jpg", good["jpg"]), ("a.json", good["json"]), ("b.jpg", b"not a jpeg"),
+                      ("b.json", good["json"]), ("c.jpg", good["jpg"]), ("c.json", good["json"])])
+    stream = build_stream(path, _meta_transform, train=False, batch_size=None, num_workers=0, rank=0, world_size=1)
+    assert [s["__key__"] for s in stream] == ["a", "c"]
+    assert "c-000000.tar" in caplog.text and "key b" in caplog.text
+    strict = build_stream(path, _meta_transform, train=False, batch_size=None, max_corrupt=0, num_workers=0,
+                          rank=0, world_size=1)
+    with pytest.raises(RuntimeError, match=r"more than max_corrupt=0.*c-000000\.tar"):
+        list(strict)
+
+
+def test_truncated_shard_keeps_complete_samples_and_moves_on(tmp_path, caplog):
+    paths = _write(str(tmp_path), counts=(6, 2))
+    with open(paths[0], "r+b") as f:
+        f.truncate(os.path.getsize(paths[0]) // 2)
+    stream = build_stream(paths, _meta_transform, train=False, batch_size=None, num_workers=0, rank=0, world_size=1)
+    keys = [s["__key__"] for s in stream]
+    assert 0 < keys.index("k0006") and keys[-2:] == ["k0006", "k0007"] and len(keys) < 8
+    assert "truncated" in caplog.text or "tar ends" in caplog.text
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_pickle_field_is_rejected_never_loaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = _fields(1)
+    path = str(tmp_path / "p-000000.tar")
+    _raw_shard(path, [("a.jpg", good["jpg"]), ("a.pkl", pickle.dumps(_Exploit())), ("a.json", good["json"])])
+    stream = build_stream(path, _meta_transform, train=False, batch_size=None, num_workers=0, rank=0, world_size=1)
+    with pytest.raises(ForbiddenFieldError, match=r"p-000000\.tar, key a: field\(s\) \['pkl'\]"):
+        list(stream)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_url_forms(shards, tmp_path):
+    folder = os.path.dirname(shards[0])
+    brace = os.path.join(folder, "t{0..4}-000000.tar")
+    assert expand_urls(brace) == shards
+    assert expand_urls(",".join(shards)) == shards
+    assert expand_urls(folder) == sorted(shards)
+    assert expand_urls(["file://" + shards[0]]) == ["file://" + shards[0]]
+
+
+def test_rank_defaults_and_validation():
+    assert pipeline.resolve_rank(None, None) == (0, 1)
+    with pytest.raises(ValueError, match="outside world_size"):
+        pipeline.resolve_rank(2, 2)
+
+
+# --- NYU depth augmentation -----------------------------------------------------------------------
+
+def _ramp(h=48, w=64):
+    depth = np.tile(np.linspace(0.5, 9.5, w, dtype=np.float32), (h, 1))
+    image = (depth / 10 * 255).astype(np.uint8)[..., None].repeat(3, -1)
+    return image, depth
+
+
+def test_train_augment_shapes_and_geometry_match(monkeypatch):
+    monkeypatch.setattr(aug, "PHOTOMETRIC_P", 0.0)
+    monkeypatch.setattr(aug, "CUTDEPTH_P", 0.0)
+    image, depth = _ramp()
+    flips = 0
+    for seed in range(20):
+        img_t, depth_t = aug.train_augment(image, depth, np.random.default_rng(seed), crop_hw=(32, 40))
+        assert img_t.shape == (3, 32, 40) and depth_t.shape == (1, 32, 40)
+        assert img_t.dtype == depth_t.dtype == torch.float32 and 0 <= img_t.min() and img_t.max() <= 1
+        expected = torch.from_numpy((depth_t[0].numpy() / 10 * 255).astype(np.uint8)).float() / 255
+        assert torch.equal(img_t[0], expected)  # image and depth were flipped and cropped together
+        flips += bool(depth_t[0, 0, 0] > depth_t[0, 0, -1])
+    assert 0 < flips < 20
+
+
+def test_cut_depth_writes_truncated_metres_into_a_strip():
+    image, depth = _ramp()
+    out = aug.cut_depth(image, depth, np.random.default_rng(0))
+    changed = np.where((out != image).any(axis=(0, 2)))[0]
+    assert len(changed) > 0 and np.all(np.diff(changed) == 1)
+    assert np.array_equal(out[:, changed, 0], depth[:, changed].astype(np.uint8))
+
+
+def test_cut_depth_on_a_quarter_of_samples(monkeypatch):
+    monkeypatch.setattr(aug, "PHOTOMETRIC_P", 0.0)
+    image, depth = _ramp(8, 16)  # image values >= 12; a CutDepth strip holds 0..9
+    cut = sum(bool(aug.train_augment(image, depth, np.random.default_rng(s), (8, 16))[0].min() < 10 / 255)
+              for s in range(200))
+    assert 30 <= cut <= 70
+
+
+def test_hsv_round_trip_and_eval_prepare():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    back = aug.hsv8_to_rgb(aug.rgb_to_hsv8(image)).astype(int)
+    assert np.abs(back - image).max() <= 4  # 2-degree hue steps, as in OpenCV's 8-bit HSV
+    img_t, depth_t = aug.eval_prepare(*_ramp())
+    assert img_t.shape == (3, 48, 64) and depth_t.shape == (1, 48, 64)
