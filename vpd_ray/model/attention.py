@@ -3,9 +3,12 @@
 VPD concatenates head-averaged cross-attention probabilities onto two of its feature maps. The
 UNet's own attention runs on PyTorch's fused kernel, which never materialises probabilities, so
 a :class:`CrossAttentionCapture` processor is installed (``unet.set_attn_processor(dict)``) on the
-``attn2`` layers of the down and up blocks only. While a :class:`AttentionMapStore` is inactive the
-processor is exactly the fused default; while active, it also recomputes ``softmax(QK^T)`` for layers
-small enough to keep and adds the head mean to a per-resolution running sum.
+``attn2`` layers of the down and up blocks only. Its output always comes from the fused kernel;
+when maps are wanted it also computes ``softmax(QK^T)`` for layers small enough to keep and adds the
+head mean to a per-resolution running sum in an :class:`AttentionMapStore`. Maps are requested per call by tagging the context tensor
+(:func:`request_maps`): the tag travels with the tensor into activation-checkpoint recomputation,
+so the recomputed graph matches the forward one (non-reentrant checkpointing checks that), while
+only the forward pass records maps into the store.
 """
 
 from __future__ import annotations
@@ -14,34 +17,40 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 
+_MAX_TOKENS_ATTR = "_vpd_attn_map_max_tokens"
+
+
+def request_maps(context: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """Tag ``context`` so that capture processors materialise maps of layers with h*w <= ``max_tokens``."""
+    setattr(context, _MAX_TOKENS_ATTR, max_tokens)
+    return context
+
+
 class AttentionMapStore:
     """Per-forward accumulator: ``{HW: (sum of head-averaged maps [B,HW,T], count)}``.
 
-    ``max_tokens`` is the largest query length (h*w) whose maps are kept; larger layers are not
-    materialised at all. ``begin``/``end`` bracket one backbone forward, so activation-checkpoint
-    recomputation during backward (outside the bracket) never records anything.
+    ``begin``/``end`` bracket one backbone forward; outside it (checkpoint recomputation during
+    backward) ``add`` is a no-op.
     """
 
     def __init__(self) -> None:
-        self.max_tokens = 0
+        self.recording = False
         self.sums: dict[int, tuple[torch.Tensor, int]] = {}
 
-    @property
-    def active(self) -> bool:
-        return self.max_tokens > 0
-
-    def begin(self, max_tokens: int) -> None:
-        self.max_tokens = max_tokens
+    def begin(self) -> None:
+        self.recording = True
         self.sums = {}
 
     def end(self) -> dict[int, torch.Tensor]:
         """Stop recording and return the mean map per resolution ``{HW: [B, HW, T]}``."""
         means = {hw: total / count for hw, (total, count) in self.sums.items()}
-        self.max_tokens = 0
+        self.recording = False
         self.sums = {}
         return means
 
     def add(self, probs: torch.Tensor) -> None:
+        if not self.recording:
+            return
         hw = probs.shape[1]
         total, count = self.sums.get(hw, (0, 0))
         self.sums[hw] = (probs + total, count + 1)
@@ -71,7 +80,8 @@ class CrossAttentionCapture:
     ) -> torch.Tensor:
         out = self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         # hidden_states: [B, HW, C] inside SD's Transformer2DModel; context: [B, T, D]
-        if self.store.active and hidden_states.ndim == 3 and hidden_states.shape[1] <= self.store.max_tokens:
+        max_tokens = getattr(encoder_hidden_states, _MAX_TOKENS_ATTR, 0)
+        if hidden_states.ndim == 3 and hidden_states.shape[1] <= max_tokens:
             self.store.add(_head_mean_probs(attn, hidden_states, encoder_hidden_states, attention_mask))
         return out
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpd_ray.model.attention import AttentionMapStore, cross_attention_processors
+from vpd_ray.model.attention import AttentionMapStore, cross_attention_processors, request_maps
 
 SOURCES = ("tiny", "pretrained", "single_file")
 SD_V1_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
@@ -196,11 +196,13 @@ class VPDBackbone(nn.Module):
         """Latents + raw text context ``[B,T,D]`` -> ``[f1, f2, f3, f4]`` (maps concatenated if asked)."""
         batch = latents.shape[0]
         timestep = torch.ones(batch, dtype=torch.long, device=latents.device)
-        side_tokens = latents.shape[-2] * latents.shape[-1] * 64 // self.attn_map_divisor**2
+        context = self.text_adapter(context)
+        if with_attention_maps:  # keep maps with h*w <= (padded side / divisor)^2; latent = side / 8
+            request_maps(context, latents.shape[-2] * latents.shape[-1] * 64 // self.attn_map_divisor**2)
         self._taps = {}
-        self._attn_store.begin(side_tokens if with_attention_maps else 0)
+        self._attn_store.begin()
         try:
-            f1 = self.unet(latents, timestep, encoder_hidden_states=self.text_adapter(context)).sample
+            f1 = self.unet(latents, timestep, encoder_hidden_states=context).sample
             taps, maps = self._taps, self._attn_store.end()
         finally:
             self._taps = None

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny Stable Diffusion / CLIP folders written once per session, tiny backbone config.
+
+- ``tiny_sd_dir``: a diffusers SD folder (``model_index.json``, ``unet/``, ``vae/``) with random weights
+  and SD v1's block structure at a few channels (the same sizes as ``BackboneConfig(source="tiny")``).
+- ``tiny_sd_checkpoint``: the same weights as one original-layout ``.safetensors`` file.
+- ``tiny_clip_dir``: a CLIP text model (32-d) + a CLIPTokenizer with a byte-level character vocabulary.
+- ``tiny_backbone_config``: ``BackboneConfig(source="tiny")``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_config():
+    from vpd_ray.model.backbone import BackboneConfig
+
+    return BackboneConfig(source="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from vpd_ray.model.backbone import BackboneConfig, tiny_unet_config, tiny_vae_config
+
+    cfg = BackboneConfig(source="tiny")
+    root = tmp_path_factory.mktemp("tiny_sd")
+    torch.manual_seed(1)
+    UNet2DConditionModel(**tiny_unet_config(cfg)).save_pretrained(root / "unet")
+    AutoencoderKL(**tiny_vae_config(cfg)).save_pretrained(root / "vae")
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}  # fmt: skip
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_checkpoint(tiny_sd_dir, tmp_path_factory):
+    from safetensors.torch import load_file, save_file
+
+    from sd_layout import to_original_checkpoint
+
+    unet = load_file(tiny_sd_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    vae = load_file(tiny_sd_dir / "vae" / "diffusion_pytorch_model.safetensors")
+    path = tmp_path_factory.mktemp("tiny_ckpt") / "tiny-sd-v1.safetensors"
+    save_file(to_original_checkpoint(unet, vae), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = tmp_path_factory.mktemp("tiny_clip")
+    chars = [chr(c) for c in range(33, 127)]  # printable ASCII: byte-level BPE maps these to themselves
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (root / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(vocab=str(root / "vocab.json"), merges=str(root / "merges.txt"))
+    tokenizer.save_pretrained(root)
+    config = CLIPTextConfig(
+        vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(2)
+    CLIPTextModel(config).save_pretrained(root)
+    return root
