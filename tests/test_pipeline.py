@@ -19,9 +19,8 @@ from vpd_ray.data import pipeline
 from vpd_ray.data.augment import depth as aug
 from vpd_ray.data.decode import ForbiddenFieldError
 from vpd_ray.data.pipeline import build_stream, plan_epoch
-from vpd_ray.data.synth import encode_jpeg
 from vpd_ray.data.tario import expand_urls
-from vpd_ray.data.writer import SourceItem, write_shards
+from vpd_ray.data.writer import SourceItem, encode_jpeg, write_shards
 
 COUNTS = (7, 3, 5, 4, 6)  # five uneven shards, 25 samples
 

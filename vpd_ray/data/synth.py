@@ -28,7 +28,7 @@ import json
 
 import numpy as np
 
-from vpd_ray.data.writer import SourceItem
+from vpd_ray.data.writer import SourceItem, encode_jpeg, encode_png
 
 DEPTH_SCENES = ("bathroom", "bedroom", "kitchen", "living_room", "office")  # names of NYU_CLASSES entries
 # One wall hue per scene class (RGB in [0, 1]).
@@ -38,25 +38,7 @@ SEG_COLOURS = {3: (200, 60, 50), 4: (50, 90, 200), 5: (60, 170, 70), 6: (220, 17
 REFER_COLOURS = {"red": (210, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 210), "yellow": (230, 200, 30),
                  "white": (245, 245, 245)}
 REFER_SHAPES = ("circle", "square", "triangle")
-JPEG_QUALITY = 90
 MAX_DEPTH_MM = 10000
-
-
-def encode_jpeg(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return buf.getvalue()
-
-
-def encode_png(array: np.ndarray) -> bytes:
-    """uint8 -> 8-bit grayscale PNG, uint16 -> 16-bit grayscale PNG."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _json(meta: dict) -> bytes:

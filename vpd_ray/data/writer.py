@@ -21,9 +21,12 @@ import tarfile
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from vpd_ray.data.tario import MANIFEST_SUFFIX, iter_raw_samples
 
 MANIFEST_FORMAT = "vpd_ray-shards/1"
+JPEG_QUALITY = 90  # synthetic images; real images are stored as read
 
 
 class UnreadableSourceError(Exception):
@@ -71,6 +74,23 @@ def read_source(path: str, verify_image: bool = False) -> bytes:
         except Exception as err:  # PIL raises many types for bad files
             raise UnreadableSourceError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
     return data
+
+
+def encode_jpeg(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """uint8 -> 8-bit grayscale PNG, uint16 -> 16-bit grayscale PNG."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def key_from_path(relpath: str) -> str:
@@ -143,9 +163,18 @@ def existing_shard_record(path: str, items: list[SourceItem]) -> dict[str, Any]:
         raise ConversionError(f"{path} holds keys this conversion would not put there (e.g. {stray[0]}): it was "
                               "written with other options or sources; delete the output folder or use the same options")
     present = set(keys)
-    missing = [{"key": k, "source": it.source, "reason": "absent from the shard an earlier run completed"}
+    missing = [{"key": k, "source": it.source, "reason": _absence_reason(it, path)}
                for k, it in planned.items() if k not in present]
     return _record(path, len(keys), missing)
+
+
+def _absence_reason(item: SourceItem, path: str) -> str:
+    """Why a planned sample is not in a completed shard: its source is re-checked (absences are rare)."""
+    try:
+        item.load()
+    except UnreadableSourceError as err:
+        return str(err)
+    return f"readable now but absent from {os.path.basename(path)}, completed earlier: delete that shard to add it"
 
 
 def _write_job(job: tuple[str, list[SourceItem]]) -> tuple[str, dict[str, Any]]:

@@ -1,0 +1,204 @@
+"""Shard writers: fake trees in the published NYU / ADE20K / RefCOCO layouts convert and read back
+bit-identical; missing sources; resume after a killed conversion; the refs pickle is data-only."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from vpd_ray import shards as cli
+from vpd_ray.data import writer
+from vpd_ray.data.decode import decode_depth
+from vpd_ray.data.refcoco import load_refs, rasterise
+from vpd_ray.data.tario import iter_raw_samples
+from vpd_ray.data.writer import ConversionError, SourceItem, encode_jpeg, encode_png, write_shards
+
+
+def _jpeg(path, seed: int, hw=(12, 16)) -> bytes:
+    data = encode_jpeg(np.random.default_rng(seed).integers(0, 256, hw + (3,), dtype=np.uint8))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def _png(path, array) -> bytes:
+    data = encode_png(array)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def _read_all(out: str, prefix: str) -> dict[str, dict[str, bytes]]:
+    manifest = json.load(open(os.path.join(out, f"{prefix}.manifest.json")))
+    samples = {}
+    for shard in manifest["shards"]:
+        samples.update(dict(iter_raw_samples(os.path.join(out, shard["name"]))))
+    return samples
+
+
+@pytest.fixture()
+def nyu_tree(tmp_path):
+    """sync/<scene>_<id>/ + official_splits/test/<scene>/ + both list files, as published."""
+    root, files = tmp_path / "nyu", {}
+    lines = {"train": [], "test": []}
+    for split, rel_dir in (("train", "kitchen_0028b"), ("train", "office_kitchen_0003"), ("test", "bathroom")):
+        base = root / ("sync" if split == "train" else "official_splits/test") / rel_dir
+        for frame in (45, 46):
+            depth = (np.arange(12 * 16, dtype=np.uint16).reshape(12, 16) * 50 + frame)
+            rgb = _jpeg(str(base / f"rgb_{frame:05d}.jpg"), frame)
+            files[(rel_dir, frame)] = (rgb, _png(str(base / f"sync_depth_{frame:05d}.png"), depth), depth)
+            lines[split].append(f"/{rel_dir}/rgb_{frame:05d}.jpg /{rel_dir}/sync_depth_{frame:05d}.png 518.8579")
+    for split in lines:
+        (root / f"{split}_list.txt").write_text("\n".join(lines[split]) + "\n")
+    return root, files
+
+
+def test_nyu_train_and_test_read_back_bit_identical(nyu_tree, tmp_path):
+    root, files = nyu_tree
+    out = str(tmp_path / "out")
+    for split in ("train", "test"):
+        assert cli.main(["nyu", "--root", str(root), "--split", split, "--out", out, "--max-count", "3"]) == 0
+    train, test = _read_all(out, "nyu-train"), _read_all(out, "nyu-test")
+    assert sorted(train) == ["sync__kitchen_0028b__rgb_00045", "sync__kitchen_0028b__rgb_00046",
+                             "sync__office_kitchen_0003__rgb_00045", "sync__office_kitchen_0003__rgb_00046"]
+    sample = train["sync__office_kitchen_0003__rgb_00046"]
+    rgb, depth_png, depth = files[("office_kitchen_0003", 46)]
+    assert sample["jpg"] == rgb and sample["depth.png"] == depth_png
+    assert np.array_equal(decode_depth(sample["depth.png"]), depth.astype(np.float32) / 1000)
+    meta = json.loads(sample["json"])
+    # the reference's first-substring rule: office_kitchen -> "kitchen" (15)
+    assert meta == {"source": "sync/office_kitchen_0003/rgb_00046.jpg", "class_id": 15, "scene": "office_kitchen",
+                    "depth_source": "sync/office_kitchen_0003/sync_depth_00046.png", "split": "train"}
+    test_meta = json.loads(test["official_splits__test__bathroom__rgb_00045"]["json"])
+    assert (test_meta["scene"], test_meta["class_id"]) == ("bathroom", 0)
+    manifest = json.load(open(os.path.join(out, "nyu-train.manifest.json")))
+    assert [s["count"] for s in manifest["shards"]] == [3, 1] and manifest["num_missing"] == 0
+
+
+def test_ade20k_reads_back_and_lists_missing_annotations(tmp_path):
+    root = tmp_path / "ADEChallengeData2016"
+    files = {}
+    for i in (1, 2, 3):
+        stem = f"ADE_val_{i:08d}"
+        image = _jpeg(str(root / "images/validation" / f"{stem}.jpg"), i)
+        label = None
+        if i != 2:  # annotation 2 is missing
+            label = _png(str(root / "annotations/validation" / f"{stem}.png"), np.full((12, 16), i * 40, np.uint8))
+        files[stem] = (image, label)
+    out = str(tmp_path / "out")
+    args = ["ade20k", "--root", str(root), "--split", "val", "--out", out]
+    assert cli.main(args) == 1  # one of three missing is over the default 1%
+    assert cli.main(args + ["--max-missing", "0.5"]) == 0
+    samples = _read_all(out, "ade20k-val")
+    assert sorted(samples) == ["ADE_val_00000001", "ADE_val_00000003"]
+    for stem, sample in samples.items():
+        assert (sample["jpg"], sample["label.png"]) == files[stem]
+    manifest = json.load(open(os.path.join(out, "ade20k-val.manifest.json")))
+    assert manifest["num_missing"] == 1 and manifest["missing"][0]["key"] == "ADE_val_00000002"
+    assert "ADE_val_00000002.png" in manifest["missing"][0]["reason"]
+
+
+@pytest.fixture()
+def refcoco_tree(tmp_path):
+    root = tmp_path / "refer"
+    (root / "refcoco").mkdir(parents=True)
+    images = [{"id": 9, "file_name": "COCO_train2014_000000000009.jpg", "height": 12, "width": 16}]
+    polygon = [[2.0, 2.0, 10.0, 2.0, 10.0, 8.0, 2.0, 8.0]]
+    from pycocotools import mask as coco_mask
+
+    rle = coco_mask.encode(np.asfortranarray(np.pad(np.ones((3, 3), np.uint8), ((6, 3), (10, 3)))))
+    rle["counts"] = rle["counts"].decode("ascii")
+    anns = [{"id": 100, "image_id": 9, "segmentation": polygon, "category_id": 1, "iscrowd": 0},
+            {"id": 101, "image_id": 9, "segmentation": rle, "category_id": 2, "iscrowd": 0}]
+    (root / "refcoco" / "instances.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    refs = [{"ref_id": r, "ann_id": a, "image_id": 9, "split": s, "category_id": 1, "sent_ids": [r * 10],
+             "sentences": [{"raw": f"Ref {r} raw", "sent": f"ref {r}", "sent_id": r * 10, "tokens": []}]}
+            for r, a, s in ((5, 100, "val"), (6, 101, "val"), (7, 100, "train"))]
+    with open(root / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    image = _jpeg(str(root / "images/train2014/COCO_train2014_000000000009.jpg"), 9)
+    return root, image, anns
+
+
+def test_refcoco_one_sample_per_ref_with_rasterised_mask(refcoco_tree, tmp_path):
+    root, image, anns = refcoco_tree
+    out = str(tmp_path / "out")
+    args = ["refcoco", "--root", str(root), "--dataset", "refcoco", "--split-by", "unc", "--split", "val", "--out", out]
+    assert cli.main(args) == 0
+    samples = _read_all(out, "refcoco-unc-val")
+    assert sorted(samples) == ["refcoco_unc_ref5", "refcoco_unc_ref6"]
+    from vpd_ray.data.decode import decode_index_png
+
+    for key, ann in (("refcoco_unc_ref5", anns[0]), ("refcoco_unc_ref6", anns[1])):
+        sample = samples[key]
+        assert sample["jpg"] == image
+        mask = decode_index_png(sample["mask.png"])
+        assert np.array_equal(mask, rasterise(ann["segmentation"], 12, 16)) and set(np.unique(mask)) == {0, 1}
+    assert decode_index_png(samples["refcoco_unc_ref6"]["mask.png"]).sum() == 9
+    meta = json.loads(samples["refcoco_unc_ref5"]["json"])
+    assert meta["sentences"] == ["Ref 5 raw"] and (meta["ref_id"], meta["ann_id"], meta["image_id"]) == (5, 100, 9)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_refs_pickle_with_a_global_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(pickle.dumps([{"ref_id": 1, "x": _Exploit()}], protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="refusing posix.system"):
+        load_refs(str(path))
+    assert not (tmp_path / "PWNED").exists()
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+def _payload(index: int, crash_at: int | None = None) -> dict[str, bytes]:
+    if index == crash_at:
+        raise KeyboardInterrupt  # the conversion is killed while writing this sample
+    return {"txt.png": encode_png(np.full((4, 4), index, np.uint8))}
+
+
+def _items(crash_at=None):
+    return [SourceItem(f"s{i:03d}", functools.partial(_payload, i, crash_at), 100, f"src/{i}") for i in range(10)]
+
+
+def test_resume_after_a_killed_conversion(tmp_path):
+    clean = write_shards(_items(), str(tmp_path / "clean"), "x", max_count=3)
+    out = str(tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(_items(crash_at=7), out, "x", max_count=3)
+    names = sorted(os.listdir(out))
+    assert names[:2] == ["x-000000.tar", "x-000001.tar"] and names[2].startswith("x-000002.tar.tmp-")
+    first = os.stat(os.path.join(out, "x-000000.tar"))
+    resumed = write_shards(_items(), out, "x", max_count=3)
+    assert resumed["shards"] == clean["shards"]  # same names, counts and sha256
+    assert sorted(os.listdir(out)) == ["x-000000.tar", "x-000001.tar", "x-000002.tar", "x-000003.tar", "x.manifest.json"]
+    assert os.stat(os.path.join(out, "x-000000.tar")).st_mtime_ns == first.st_mtime_ns  # skipped, not rewritten
+    with pytest.raises(ConversionError, match="other options"):
+        write_shards(_items(), out, "x", max_count=4)
+
+
+def test_parallel_writers_give_the_same_shards(tmp_path):
+    from vpd_ray.data.synth import synth_items
+
+    one = write_shards(synth_items("seg", 6, 0), str(tmp_path / "a"), "s", max_count=2, workers=1)
+    two = write_shards(synth_items("seg", 6, 0), str(tmp_path / "b"), "s", max_count=2, workers=2)
+    assert one["shards"] == two["shards"]
+
+
+def test_size_bounds_and_duplicate_keys():
+    items = [SourceItem(f"k{i}", dict, 40, "") for i in range(5)]
+    assert [len(g) for g in writer.plan_shards(items, max_count=10, max_bytes=100)] == [2, 2, 1]
+    assert [len(g) for g in writer.plan_shards(items, max_count=3, max_bytes=10**6)] == [3, 2]
+    with pytest.raises(ConversionError, match="same key 'k0'"):
+        write_shards(items + items[:1], "/nonexistent", "x")
