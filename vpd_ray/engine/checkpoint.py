@@ -1,0 +1,127 @@
+"""Checkpoint directories: DeepSpeed's sharded state plus what DeepSpeed does not keep.
+
+Layout of one checkpoint (every rank writes its own DeepSpeed files, rank 0 the rest)::
+
+    state/                 DeepSpeed save_checkpoint tag: model states + per-rank optimizer shards
+    meta.json              step, data epochs, param-group names, nan skips
+    config.yaml            the resolved run config
+    frozen.safetensors     fp32 weights of modules that never train (VAE, class embeddings)
+    architecture.json      diffusers configs of the UNet and VAE (vpd_ray.package.architecture)
+
+The frozen modules are outside the DeepSpeed engine (the VAE: not partitioned, not optimised) or
+cast to bf16 by it (class-embedding buffers), so the checkpoint keeps their exact fp32 values
+itself and a model package never depends on the original weight files.
+
+DeepSpeed's own loaders unpickle with ``weights_only=False``; :func:`assert_safe` scans every pickle
+without running it and refuses any global outside DeepSpeed's three bookkeeping classes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+TAG = "state"
+META = "meta.json"
+CONFIG = "config.yaml"
+FROZEN = "frozen.safetensors"
+# The only non-tensor classes DeepSpeed pickles into its checkpoints (checked on 0.19).
+_DEEPSPEED_GLOBALS = {
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+}
+
+
+def assert_safe(directory: str) -> None:
+    """Refuse a checkpoint whose pickles name any global beyond DeepSpeed's bookkeeping classes."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            if not name.endswith(".pt"):
+                continue
+            path = os.path.join(root, name)
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - _DEEPSPEED_GLOBALS
+            if unsafe:
+                raise ValueError(f"refusing to load {path}: it pickles untrusted globals {sorted(unsafe)}")
+
+
+def is_checkpoint(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, META)) and os.path.isdir(os.path.join(directory, TAG))
+
+
+def frozen_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 copies of the parameters and buffers of modules with no trainable parameter.
+
+    A module counts as frozen when none of its parameters requires grad (the VAE, class-embedding
+    holders); BatchNorm running statistics belong to trainable modules and are left to DeepSpeed.
+    """
+    out = {}
+    for prefix, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        if not own or any(p.requires_grad for p in module.parameters()):
+            continue
+        for name, tensor in own:
+            out[f"{prefix}.{name}" if prefix else name] = tensor.detach().float().cpu().clone()
+    return out
+
+
+def write_rank0_files(
+    directory: str, meta: dict[str, Any], config_yaml: str, frozen: dict[str, torch.Tensor], arch: dict[str, Any]
+) -> None:
+    from safetensors.torch import save_file
+
+    from vpd_ray.package import write_architecture
+
+    write_architecture(directory, arch)
+    save_file({k: v.contiguous() for k, v in frozen.items()}, os.path.join(directory, FROZEN))
+    with open(os.path.join(directory, CONFIG), "w") as f:
+        f.write(config_yaml)
+    # meta.json last: its presence marks the rank-0 part complete (is_checkpoint).
+    with open(os.path.join(directory, META), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def read_meta(directory: str) -> dict[str, Any]:
+    with open(os.path.join(directory, META)) as f:
+        return json.load(f)
+
+
+def _stage0_fp32(directory: str, group_names: list[list[str]]) -> dict[str, torch.Tensor]:
+    """ZeRO-0 + bf16 keeps fp32 masters in the optimizer's ``fp32_groups``, in param-group order."""
+    import deepspeed.utils.tensor_fragment  # noqa: F401  (classes named in the pickle)
+
+    states = torch.load(os.path.join(directory, TAG, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    module = {k: v.float() for k, v in states["module"].items()}
+    fp32_groups = states["optimizer"].get("fp32_groups") if isinstance(states.get("optimizer"), dict) else None
+    if fp32_groups is None:  # fp32 training: the module weights are the masters
+        return module
+    for names, tensors in zip(group_names, fp32_groups):
+        if len(names) != len(tensors):
+            raise ValueError(f"{directory}: param-group sizes {len(names)} != {len(tensors)} saved masters")
+        module.update({name: t.detach().float() for name, t in zip(names, tensors)})
+    return module
+
+
+def consolidated_state_dict(directory: str) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of the model from a checkpoint of any ZeRO stage (zero_to_fp32-style).
+
+    Trainable parameters come from the fp32 masters, buffers from DeepSpeed's module state,
+    frozen modules from ``frozen.safetensors`` (they win: DeepSpeed only ever held bf16 copies).
+    """
+    from safetensors.torch import load_file
+
+    if not is_checkpoint(directory):
+        raise FileNotFoundError(f"{directory} is not a vpd_ray checkpoint (no {META} / {TAG}/)")
+    assert_safe(directory)
+    meta = read_meta(directory)
+    if meta["zero_stage"] == 0:
+        state = _stage0_fp32(directory, meta["param_group_names"])
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(directory, tag=TAG).items()}
+    state.update(load_file(os.path.join(directory, FROZEN)))
+    return state

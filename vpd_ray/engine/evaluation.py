@@ -1,0 +1,75 @@
+"""Distributed evaluation: each rank runs the task's test protocol on its part of a split, then
+the metric sums are all-reduced once, so the result equals a single-process pass over the split.
+
+Ranks may hold one batch more than others (the eval stream splits at sample level). Under ZeRO-3
+every forward gathers parameters collectively, so all ranks must run the same number of forwards:
+:func:`lockstep` agrees on "anyone still has a batch" each iteration and lets an exhausted rank
+repeat its last batch without counting it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from vpd_ray.tasks.base import Batch, Task
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Tensors to ``device``; keys and other values unchanged."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def lockstep(
+    batches: Iterable[Batch], device: torch.device, limit: int | None = None
+) -> Iterator[tuple[Batch, bool]]:
+    """``(batch, counts)`` until every rank is exhausted; ``counts`` is False for a padding repeat."""
+    it, last, seen = iter(batches), None, 0
+    while True:
+        batch = next(it, None) if limit is None or seen < limit else None
+        seen += batch is not None
+        more = torch.tensor([batch is not None], dtype=torch.int32, device=device)
+        if _distributed():
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        if batch is None and last is None:
+            raise RuntimeError(f"rank {dist.get_rank()} got no evaluation batch while other ranks did")
+        if batch is not None:
+            last = batch
+        yield (batch if batch is not None else last), batch is not None
+
+
+def all_reduce_sum(state: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        state = state.clone()
+        dist.all_reduce(state, op=dist.ReduceOp.SUM)
+    return state
+
+
+def evaluate_task(
+    task: Task,
+    forward: Callable[[torch.Tensor, Batch], Any],
+    batches: Iterable[Batch],
+    device: torch.device,
+    limit: int | None = None,
+) -> dict[str, float]:
+    """The task's full test protocol over this rank's batches; metrics over all ranks, prefixed ``task/``.
+
+    ``forward(images, batch)`` runs backbone + head (the caller decides engine, dtype and VAE).
+    """
+    metric = task.metric()
+    for batch, counts in lockstep(batches, device, limit):
+        batch = to_device(batch, device)
+        pred = task.predict(forward, batch)
+        if counts:
+            metric.update(pred.float(), batch)
+    state = metric.state()
+    metric.load_state(all_reduce_sum(state.to(device)).cpu())
+    return {f"{task.name}/{k}": float(v) for k, v in metric.compute().items()}

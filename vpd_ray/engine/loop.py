@@ -1,0 +1,288 @@
+"""The function every Ray Train worker runs: model -> DeepSpeed engine -> steps, validation, checkpoints.
+
+Everything arrives in ``loop_config`` (``{"config": resolved config as a dict, ...}``); no globals.
+The frozen VAE is detached from the module DeepSpeed wraps (:func:`detach_vae`) so it is neither
+optimised nor partitioned by ZeRO-3; it runs ``backbone.encode`` in fp32 before the engine.
+
+Collective discipline (a rank that skips one hangs the others): every rank runs the same steps, picks
+the same task per micro-batch (an rng seeded by run seed and step), agrees on NaN skips with an
+all-reduce, evaluates in lockstep and calls ``ray.train.report`` at the same steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from vpd_ray.engine import checkpoint as ckpt
+from vpd_ray.engine.evaluation import evaluate_task, to_device
+from vpd_ray.engine.optim import deepspeed_config, lr_factor, param_groups, set_lr
+
+FAULT_MARKER = ".fault_injected"
+
+
+def detach_vae(model: torch.nn.Module) -> torch.nn.Module:
+    """Unregister ``model.backbone.vae`` but keep it reachable as a plain attribute.
+
+    ``backbone.encode`` still finds ``self.vae``; ``parameters()``/``state_dict()`` no longer see it,
+    so DeepSpeed neither optimises, casts, nor (ZeRO-3) partitions the frozen VAE.
+    """
+    backbone = model.backbone
+    vae = backbone._modules.pop("vae")
+    object.__setattr__(backbone, "vae", vae)
+    return vae
+
+
+def _float_outputs(outputs: Any) -> Any:
+    """Losses are computed in fp32 even when the engine runs in bf16."""
+    if torch.is_tensor(outputs):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {k: _float_outputs(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_float_outputs(v) for v in outputs)
+    return outputs
+
+
+def _all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(value, op=op)
+    return value
+
+
+@dataclasses.dataclass
+class RunState:
+    """What a checkpoint restores besides DeepSpeed's state."""
+
+    step: int = 0
+    epochs: dict[str, int] = dataclasses.field(default_factory=dict)
+    nan_skips: int = 0
+
+
+class Trainer:
+    """One worker's training run; built from the resolved config, driven by :meth:`run`."""
+
+    def __init__(self, cfg: DictConfig, loop_config: dict[str, Any]):
+        import deepspeed
+        import ray.train
+        import ray.train.torch
+
+        from vpd_ray.config import grad_accum_steps, to_yaml
+        from vpd_ray.package import architecture, build_model
+
+        self.cfg, self.extra = cfg, loop_config
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+        _seed_everything(cfg.run.seed)  # identical initial weights on every rank
+        model = build_model(cfg)
+        if cfg.train.grad_checkpointing:
+            model.backbone.set_grad_checkpointing(True)
+        self.frozen = ckpt.frozen_state(model)
+        self.arch = architecture(model)
+        self.config_yaml = to_yaml(cfg)
+        self.vae = detach_vae(model).to(self.device).float().eval()
+        self.tasks = model.tasks
+        groups = param_groups(model.named_parameters(), cfg.train.lr, cfg.train.weight_decay, cfg.train.unet_lr_mult)
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.group_names = [[names[id(p)] for p in g["params"]] for g in groups]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999))
+        self.accum = grad_accum_steps(cfg)
+        micro = next(iter(cfg.tasks.values())).batch_size
+        ds_cfg = deepspeed_config(cfg, micro_batch=micro, grad_accum=self.accum)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+        self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+        self.state = RunState(epochs={name: 0 for name in cfg.tasks})
+        self.run_dir = os.path.join(cfg.run.storage_path, cfg.run.name)
+        self.writer = None
+
+    # --- pieces -----------------------------------------------------------------------------
+    def forward(self, task_name: str, batch: dict[str, Any]) -> Any:
+        """VAE (fp32, outside the engine) then the engine on the latents."""
+        return self.engine(task_name, batch, latents=self.vae_encode(batch["image"]))
+
+    def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.engine.module.backbone.encode(images.float()).to(self.dtype)
+
+    def _streams(self) -> dict[str, Any]:
+        from vpd_ray.data.pipeline import build_stream
+
+        d = self.cfg.data
+        return {
+            name: build_stream(task.cfg.train_shards, task.train_transform, train=True, batch_size=task.cfg.batch_size,
+                               seed=self.cfg.run.seed, fields=task.fields, num_workers=d.num_workers,
+                               shuffle_buffer=d.shuffle_buffer, max_corrupt=d.max_corrupt,
+                               start_epoch=self.state.epochs.get(name, 0))
+            for name, task in self.tasks.items()
+        }
+
+    def _task_for(self, step: int, micro: int) -> str:
+        """Task of a micro-batch, drawn by ``ratio``; the same on every rank and after a resume."""
+        names = list(self.tasks)
+        if len(names) == 1:
+            return names[0]
+        weights = [self.tasks[n].cfg.ratio for n in names]
+        return random.Random(self.cfg.run.seed * 1_000_003 + step * 97 + micro).choices(names, weights)[0]
+
+    def _loss(self, task_name: str, batch: dict[str, Any]) -> torch.Tensor:
+        task = self.tasks[task_name]
+        outputs = self.forward(task_name, batch)
+        return task.loss(_float_outputs(outputs), batch) * task.cfg.loss_weight
+
+    def _nan_guard(self, loss: torch.Tensor, step: int, task_name: str) -> bool:
+        """True when any rank's loss is not finite (all ranks agree); stops the run by policy."""
+        bad = _all_reduce(torch.tensor([float(not torch.isfinite(loss).item())], device=self.device), dist.ReduceOp.MAX)
+        if not bad.item():
+            return False
+        self.state.nan_skips += 1
+        t = self.cfg.train
+        if t.nan_policy == "stop" or self.state.nan_skips > t.max_nan_skips:
+            raise FloatingPointError(
+                f"non-finite loss at step {step} (task {task_name}); nan_policy={t.nan_policy}, "
+                f"{self.state.nan_skips} batch(es) skipped so far, max_nan_skips={t.max_nan_skips}"
+            )
+        if self.rank == 0:
+            print(f"[vpd] step {step}: non-finite loss (task {task_name}), batch skipped ({self.state.nan_skips})")
+        return True
+
+    def train_step(self, step: int, iters: dict[str, Any]) -> float:
+        """One optimizer step = ``accum`` finite micro-batches; returns the mean loss."""
+        set_lr(self.optimizer, lr_factor(step, self.cfg.train.max_steps, self.cfg.train.schedule, self.cfg.train.lr))
+        total, micro = 0.0, 0
+        while micro < self.accum:
+            task_name = self._task_for(step, micro)
+            batch = to_device(next(iters[task_name]), self.device)
+            loss = self._loss(task_name, batch)
+            if self._nan_guard(loss, step, task_name):
+                continue
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.item()
+            micro += 1
+        return total / self.accum
+
+    def validate(self) -> dict[str, float]:
+        from vpd_ray.data.pipeline import build_stream
+
+        self.engine.eval()
+        metrics = {}
+        for name, task in self.tasks.items():
+            stream = build_stream(task.cfg.val_shards, task.eval_transform, train=False,
+                                  batch_size=task.cfg.eval_batch_size, fields=task.fields,
+                                  num_workers=min(1, self.cfg.data.num_workers), max_corrupt=self.cfg.data.max_corrupt)
+
+            def forward(images: torch.Tensor, batch: dict[str, Any], name: str = name) -> Any:
+                return _float_outputs(self.forward(name, {**batch, "image": images}))
+
+            with torch.no_grad():
+                metrics.update(evaluate_task(task, forward, stream, self.device, self.cfg.train.max_val_batches))
+        self.engine.train()
+        return metrics
+
+    def save_and_report(self, metrics: dict[str, float]) -> None:
+        """DeepSpeed shards (every rank, its own temp dir) + rank-0 files, barrier, same dir reported by all."""
+        import ray.train
+
+        local = tempfile.mkdtemp(prefix=f"vpd_ckpt_rank{self.rank}_")
+        self.engine.save_checkpoint(local, tag=ckpt.TAG)
+        if self.rank == 0:
+            meta = {**dataclasses.asdict(self.state), "zero_stage": int(self.cfg.deepspeed.zero_stage),
+                    "param_group_names": self.group_names, "metrics": metrics}
+            ckpt.write_rank0_files(local, meta, self.config_yaml, self.frozen, self.arch)
+        dist.barrier()
+        name = f"checkpoint_{self.state.step:08d}"
+        ray.train.report({**metrics, "step": self.state.step},
+                         checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name)
+        shutil.rmtree(local, ignore_errors=True)
+
+    def restore(self) -> None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as directory:
+            ckpt.assert_safe(directory)
+            self.engine.load_checkpoint(directory, tag=ckpt.TAG, load_module_strict=True)
+            meta = ckpt.read_meta(directory)
+        self.state = RunState(step=meta["step"], epochs=meta["epochs"], nan_skips=meta["nan_skips"])
+        if self.rank == 0:
+            print(f"[vpd] resuming from checkpoint {checkpoint.path} at step {self.state.step}", flush=True)
+
+    def _maybe_fail(self, step: int) -> None:
+        """Test hook: the last rank dies once at ``fail_once_at_step`` (a marker file makes it once)."""
+        at = self.extra.get("fail_once_at_step")
+        marker = os.path.join(self.run_dir, FAULT_MARKER)
+        if at is None or step != at or self.rank != self.world - 1 or os.path.exists(marker):
+            return
+        with open(marker, "w") as f:
+            f.write(str(step))
+        print(f"[vpd] fault injection: rank {self.rank} exits at step {step}", flush=True)
+        os._exit(1)
+
+    def _log(self, step: int, loss: float, seconds: float, samples: int) -> None:
+        """Mean loss over ranks; rank 0 prints and writes TensorBoard (``<run dir>/tensorboard``)."""
+        mean = _all_reduce(torch.tensor([loss], device=self.device)).item() / self.world
+        if self.rank != 0:
+            return
+        lr = max(g["lr"] for g in self.optimizer.param_groups)
+        rate = samples / max(seconds, 1e-9)
+        print(f"[vpd] step {step}/{self.cfg.train.max_steps} loss {mean:.4f} lr {lr:.3g} samples/s {rate:.2f}",
+              flush=True)
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+        for key, value in (("train/loss", mean), ("train/lr", lr), ("train/samples_per_s", rate)):
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    # --- the run ----------------------------------------------------------------------------
+    def run(self) -> None:
+        t = self.cfg.train
+        self.restore()
+        streams = self._streams()
+        iters = {name: iter(stream) for name, stream in streams.items()}
+        per_step = self.accum * self.world * next(iter(self.tasks.values())).cfg.batch_size
+        tick, losses = time.perf_counter(), []
+        while self.state.step < t.max_steps:
+            losses.append(self.train_step(self.state.step, iters))
+            self.state.step += 1
+            step = self.state.step
+            self.state.epochs = {name: stream.epoch for name, stream in streams.items()}
+            if step % t.log_every == 0:
+                self._log(step, float(np.mean(losses)), time.perf_counter() - tick, per_step * len(losses))
+                tick, losses = time.perf_counter(), []
+            if step % t.val_every == 0 or step == t.max_steps:
+                metrics = self.validate()
+                if self.rank == 0:
+                    print(f"[vpd] step {step} validation " + json.dumps(metrics), flush=True)
+                self.save_and_report(metrics)
+                tick = time.perf_counter()
+            self._maybe_fail(step)
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``."""
+    from vpd_ray.config import from_container
+
+    Trainer(from_container(loop_config["config"]), loop_config).run()

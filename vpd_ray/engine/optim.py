@@ -1,0 +1,114 @@
+"""Param groups, the learning-rate schedules of VPD.md and the DeepSpeed config dict.
+
+The schedules are pure functions of the step, so a resumed run recomputes its learning rate from
+the step stored in the checkpoint instead of restoring scheduler state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+from torch import nn
+
+
+def _is_no_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases and 1-d parameters (norm scales, the text adapter's gamma) get no weight decay."""
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def param_groups(
+    named_params: Iterable[tuple[str, nn.Parameter]],
+    lr: float,
+    weight_decay: float,
+    unet_lr_mult: float,
+    is_unet=lambda name: ".unet." in f".{name}",
+) -> list[dict[str, Any]]:
+    """AdamW groups: {UNet, rest} x {decay, no decay}; frozen parameters are left out.
+
+    Each group carries ``base_lr`` (``lr`` times the UNet multiplier where it applies), which the
+    schedule factor scales every step. Empty groups are dropped (DeepSpeed rejects them).
+    """
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    names: dict[tuple[bool, bool], list[str]] = {}
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        key = (is_unet(name), _is_no_decay(name, param))
+        buckets.setdefault(key, []).append(param)
+        names.setdefault(key, []).append(name)
+    groups = []
+    for (unet, no_decay), params in sorted(buckets.items()):
+        base_lr = lr * (unet_lr_mult if unet else 1.0)
+        groups.append(
+            {
+                "params": params,
+                "lr": base_lr,
+                "base_lr": base_lr,
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "group_name": f"{'unet' if unet else 'other'}{'_no_decay' if no_decay else ''}",
+            }
+        )
+    return groups
+
+
+def lr_factor(step: int, max_steps: int, schedule: Any, lr: float) -> float:
+    """Multiplier of each group's ``base_lr`` at optimizer step ``step`` (0-based).
+
+    ``schedule`` is ``train.schedule`` (kind, power, min_lr, peak_fraction, warmup_steps, warmup_ratio).
+    """
+    kind = schedule.kind
+    floor = schedule.min_lr / lr if lr > 0 else 0.0
+    if kind == "constant":
+        return 1.0
+    if kind == "poly_rise_fall":
+        # VPD depth: min_lr -> lr as t**power over the first peak_fraction of training, then back.
+        # (The reference falls as max - (max - min) * u**power, u going 0 -> 1 over the second half.)
+        peak = max(1.0, schedule.peak_fraction * max_steps)
+        if step <= peak:
+            return floor + (1.0 - floor) * (step / peak) ** schedule.power
+        fall = min(1.0, (step - peak) / max(1.0, max_steps - peak))
+        return floor + (1.0 - floor) * (1.0 - fall**schedule.power)
+    if kind == "warmup_poly":
+        # VPD segmentation: linear warm-up from warmup_ratio, then (1 - t)**power down to min_lr.
+        decay = floor + (1.0 - floor) * (1.0 - min(step, max_steps) / max_steps) ** schedule.power
+        if step < schedule.warmup_steps:
+            k = step / schedule.warmup_steps
+            return decay * (schedule.warmup_ratio + (1.0 - schedule.warmup_ratio) * k)
+        return decay
+    raise ValueError(f"train.schedule.kind: unknown schedule {kind!r}")
+
+
+def set_lr(optimizer: Any, factor: float) -> float:
+    """Scale every group's ``base_lr`` by ``factor``; returns the largest resulting LR (for logs)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+def deepspeed_config(cfg: Any, micro_batch: int, grad_accum: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for ``cfg.deepspeed`` / ``cfg.train``.
+
+    The optimizer is ours (torch AdamW with per-group LRs), hence ``zero_allow_untested_optimizer``;
+    the schedule is applied by :func:`set_lr`, so DeepSpeed gets none.
+    """
+    ds = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": float(cfg.train.grad_clip),
+        "bf16": {"enabled": bool(cfg.deepspeed.bf16)},
+        "zero_optimization": {"stage": int(cfg.deepspeed.zero_stage)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # our own progress log replaces DeepSpeed's
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed.bf16:
+        # Buffers too (class embeddings, BatchNorm statistics): DeepSpeed >= 0.19 leaves them fp32
+        # by default, and a bf16 op then meets an fp32 operand (frozen.safetensors keeps fp32 copies).
+        ds["data_types"] = {"buffer_dtype": "bf16"}
+    if cfg.deepspeed.zero_stage == 3:
+        # Gather a layer's shards right before use and keep nothing resident: the UNet is the bulk.
+        ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 5e7})
+    if math.isclose(cfg.train.grad_clip, 0.0):
+        ds.pop("gradient_clipping")
+    return ds
