@@ -42,7 +42,7 @@ class BackboneConfig:
     # (diffusers would otherwise fetch them from the hub)
     config_path: str | None = None
     # tiny only: random weights, SD v1 block structure, few channels (tests and the sample run)
-    tiny_channels: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 64, 64])
+    tiny_channels: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64, 64])
     tiny_vae_channels: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 16, 16])
     tiny_text_dim: int = 32
     tiny_heads: int = 2
