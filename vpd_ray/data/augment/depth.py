@@ -100,7 +100,7 @@ def hue_saturation_value(image: np.ndarray, rng: np.random.Generator) -> np.ndar
 
 def to_tensors(image: np.ndarray, depth: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 HxWx3 + float HxW -> float32 [3,H,W] in [0,1] and float32 [1,H,W] metres."""
-    image_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+    image_t = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1).div_(255)  # astype: a writable copy
     depth_t = torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))[None]
     return image_t, depth_t
 

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``python -m vpd_ray.bench``; each module has ``main(argv) -> int``."""
