@@ -206,3 +206,13 @@ def test_non_sd_unet_is_rejected():
     )  # fmt: skip
     with pytest.raises(ValueError, match="UNet is not SD v1-shaped: down \\('CrossAttnDownBlock2D', 'DownBlock2D'\\)"):
         VPDBackbone(unet, AutoencoderKL(block_out_channels=(8,), norm_num_groups=8))
+
+
+def test_deep_copy_keeps_its_own_taps(backbone):
+    import copy
+
+    twin = copy.deepcopy(backbone)
+    image, ctx = torch.rand(1, 3, 128, 128), _context(backbone, tokens=2)
+    with torch.no_grad():
+        for a, b in zip(twin(image, ctx, with_attention_maps=True), backbone(image, ctx, with_attention_maps=True)):
+            torch.testing.assert_close(a, b)

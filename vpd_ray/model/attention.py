@@ -4,11 +4,12 @@ VPD concatenates head-averaged cross-attention probabilities onto two of its fea
 UNet's own attention runs on PyTorch's fused kernel, which never materialises probabilities, so
 a :class:`CrossAttentionCapture` processor is installed (``unet.set_attn_processor(dict)``) on the
 ``attn2`` layers of the down and up blocks only. Its output always comes from the fused kernel;
-when maps are wanted it also computes ``softmax(QK^T)`` for layers small enough to keep and adds the
-head mean to a per-resolution running sum in an :class:`AttentionMapStore`. Maps are requested per call by tagging the context tensor
-(:func:`request_maps`): the tag travels with the tensor into activation-checkpoint recomputation,
-so the recomputed graph matches the forward one (non-reentrant checkpointing checks that), while
-only the forward pass records maps into the store.
+when maps are wanted it also computes ``softmax(QK^T)`` for layers small enough to keep and adds
+the head mean to a per-resolution running sum in an :class:`AttentionMapStore`.
+
+Maps are requested per call by tagging the context tensor (:func:`request_maps`): the tag travels
+with the tensor into activation-checkpoint recomputation, so the recomputed graph matches the
+forward one (non-reentrant checkpointing checks that), while only the forward records maps.
 """
 
 from __future__ import annotations

@@ -108,9 +108,9 @@ class VPDBackbone(nn.Module):
         self.attn_map_divisor = attn_map_divisor
         self._attn_store = AttentionMapStore()
         unet.set_attn_processor(cross_attention_processors(unet, self._attn_store))
-        self._taps: dict[str, torch.Tensor] | None = None  # filled by the hooks during one forward
+        self._taps = _TapStore()
         for tap, path in TAP_MODULES:
-            unet.get_submodule(path).register_forward_hook(self._tap_hook(tap))
+            unet.get_submodule(path).register_forward_hook(_TapHook(self._taps, tap))
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -162,8 +162,13 @@ class VPDBackbone(nn.Module):
         _check_diffusers_folder(config_path)
         checkpoint = read_original_checkpoint(path)
         kwargs: dict[str, Any] = dict(config=config_path, local_files_only=True)
-        unet = UNet2DConditionModel.from_single_file(checkpoint, subfolder="unet", **kwargs)
-        vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **kwargs)
+        try:
+            unet = UNet2DConditionModel.from_single_file(checkpoint, subfolder="unet", **kwargs)
+            vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **kwargs)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ValueError(
+                f"cannot convert {path!r} with the UNet/VAE configs of {config_path!r}: {_first_line(err)}"
+            ) from None
         return cls(unet, vae, attn_map_divisor=attn_map_divisor)
 
     # --- interface --------------------------------------------------------------------------
@@ -194,19 +199,19 @@ class VPDBackbone(nn.Module):
         self, latents: torch.Tensor, context: torch.Tensor, with_attention_maps: bool = False
     ) -> list[torch.Tensor]:
         """Latents + raw text context ``[B,T,D]`` -> ``[f1, f2, f3, f4]`` (maps concatenated if asked)."""
-        batch = latents.shape[0]
-        timestep = torch.ones(batch, dtype=torch.long, device=latents.device)
-        context = self.text_adapter(context)
+        latents = latents.to(self.unet.dtype)  # the VAE may run outside the (bf16) engine in fp32
+        timestep = torch.ones(latents.shape[0], dtype=torch.long, device=latents.device)
+        context = self.text_adapter(context.to(self.text_adapter.gamma.dtype))
         if with_attention_maps:  # keep maps with h*w <= (padded side / divisor)^2; latent = side / 8
             request_maps(context, latents.shape[-2] * latents.shape[-1] * 64 // self.attn_map_divisor**2)
-        self._taps = {}
+        self._taps.features = {}
         self._attn_store.begin()
         try:
             f1 = self.unet(latents, timestep, encoder_hidden_states=context).sample
-            taps, maps = self._taps, self._attn_store.end()
+            taps = self._taps.features
         finally:
-            self._taps = None
-            self._attn_store.end()
+            self._taps.features = None
+            maps = self._attn_store.end()
         feats = [f1, taps["f2"], taps["f3"], taps["f4"]]
         if with_attention_maps:
             feats[1] = _concat_map(feats[1], maps)
@@ -219,12 +224,25 @@ class VPDBackbone(nn.Module):
         """Image in [0,1] -> features of the image padded to a multiple of 64."""
         return self.forward_features(self.encode(image01), context, with_attention_maps)
 
-    def _tap_hook(self, tap: str):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self._taps is not None:  # not during checkpoint recomputation in backward
-                self._taps[tap] = output[0] if isinstance(output, tuple) else output
 
-        return hook
+
+class _TapStore:
+    """Where the tap hooks put features; ``features`` is a dict only during a backbone forward."""
+
+    def __init__(self) -> None:
+        self.features: dict[str, torch.Tensor] | None = None
+
+
+class _TapHook:
+    """Forward hook saving a module's output as one tap. An object, not a closure, so that a
+    deep copy of the backbone gets hooks that write into the copy's own store."""
+
+    def __init__(self, store: _TapStore, tap: str):
+        self.store, self.tap = store, tap
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.store.features is not None:  # not during checkpoint recomputation in backward
+            self.store.features[self.tap] = output[0] if isinstance(output, tuple) else output
 
 
 def _concat_map(feat: torch.Tensor, maps: dict[int, torch.Tensor]) -> torch.Tensor:

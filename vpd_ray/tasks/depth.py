@@ -32,7 +32,7 @@ def silog_loss(pred: torch.Tensor, gt: torch.Tensor, variance_focus: float = 0.5
     valid = gt > 0
     if not valid.any():
         raise ValueError("SiLog loss on a batch without any valid depth (gt > 0)")
-    d = torch.log(gt[valid]) - torch.log(pred[valid])
+    d = torch.log(gt[valid].float()) - torch.log(pred[valid].float())  # fp32 even under bf16
     return torch.sqrt((d**2).mean() - variance_focus * d.mean() ** 2)
 
 
@@ -68,7 +68,7 @@ def sliding_window_predict(
     views = [images[..., x : x + window_hw[1]] for x in offsets]
     if flip:
         views += [v.flip(-1) for v in views]
-    pred = forward(torch.cat(views), _repeat_batch(batch, b, len(views)))  # [n*B, 1, h, window_w]
+    pred = forward(torch.cat(views), _repeat_batch(batch, b, len(views))).float()  # [n*B, 1, h, window_w]
     parts = pred.split(b)
     if flip:
         half = len(offsets)
