@@ -26,6 +26,7 @@ EXIT_CONFIG_ERROR = 2
 SCHEDULE_KINDS = ("constant", "poly_rise_fall", "warmup_poly")
 NAN_POLICIES = ("skip", "stop")
 METRIC_MODES = ("min", "max")
+SHARD_KEYS = ("train_shards", "val_shards", "test_shards")
 WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 
 
@@ -171,7 +172,17 @@ def compose(path: Optional[str] = None, overrides: List[str] = (), base: Optiona
         raise ConfigError(_one_line(err)) from None
     _type_tasks(cfg)
     cfg.run.storage_path = os.path.abspath(os.path.expanduser(cfg.run.storage_path))
+    for task in cfg.tasks.values():
+        for key in SHARD_KEYS:
+            if task[key] is not None:
+                task[key] = _absolute_shards(task[key])
     return cfg
+
+
+def _absolute_shards(spec: str) -> str:
+    """Local shard paths made absolute on the driver, so workers need not share its working directory."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    return ",".join(os.path.abspath(os.path.expanduser(p)) if _is_local(p) else p for p in parts)
 
 
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:

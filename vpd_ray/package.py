@@ -45,8 +45,22 @@ def build_model(cfg: DictConfig, arch: dict[str, Any] | None = None) -> "Any":
 
         unet, vae = UNet2DConditionModel.from_config(arch["unet"]), AutoencoderKL.from_config(arch["vae"])
         backbone = VPDBackbone(unet, vae, attn_map_divisor=backbone_cfg.attn_map_divisor)
-    tasks = {name: get_task(name)(OmegaConf.to_object(section)) for name, section in cfg.tasks.items()}
+    tasks = {name: get_task(name)(_task_config(section, drop_files=arch is not None)) for name, section in cfg.tasks.items()}
     return VPDModel(backbone, tasks)
+
+
+def _task_config(section: DictConfig, drop_files: bool) -> Any:
+    """The task's config object; with ``drop_files``, options naming weight files (class embeddings)
+    are cleared: they only initialise buffers that the caller's weights then overwrite, and the
+    files need not exist where a package is loaded."""
+    from vpd_ray.config import WEIGHT_SUFFIXES
+
+    section = section.copy()
+    if drop_files:
+        for key, value in section.items():
+            if isinstance(value, str) and value.endswith(WEIGHT_SUFFIXES):
+                section[key] = None
+    return OmegaConf.to_object(section)
 
 
 def read_architecture(directory: str) -> dict[str, Any]:
@@ -59,7 +73,7 @@ def write_architecture(directory: str, arch: dict[str, Any]) -> None:
         json.dump(arch, f, indent=1, default=list)
 
 
-def _load_config(path: str) -> DictConfig:
+def load_config(path: str) -> DictConfig:
     from vpd_ray.config import compose
 
     return compose(path)
@@ -78,14 +92,14 @@ def export_package(state_dict: dict[str, torch.Tensor], config_yaml: str, arch: 
     with open(config_path, "w") as f:
         f.write(config_yaml)
     write_architecture(out_dir, arch)
-    model = build_model(_load_config(config_path), arch)
-    _load_strict(model, state_dict, source="the consolidated checkpoint")
+    model = build_model(load_config(config_path), arch)
+    load_strict(model, state_dict, source="the consolidated checkpoint")
     tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, os.path.join(out_dir, WEIGHTS), metadata={"format": "vpd_ray"})
     return out_dir
 
 
-def _load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Strict load with one readable error listing what is missing, unexpected or mis-shaped."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -108,7 +122,7 @@ def load_package(path: str) -> tuple["Any", DictConfig]:
     for needed in (weights, config_path, os.path.join(path, ARCHITECTURE)):
         if not os.path.isfile(needed):
             raise FileNotFoundError(f"{path!r} is not a model package: {os.path.basename(needed)} missing")
-    cfg = _load_config(config_path)
+    cfg = load_config(config_path)
     model = build_model(cfg, read_architecture(path))
-    _load_strict(model, load_file(weights), source=weights)
+    load_strict(model, load_file(weights), source=weights)
     return model.eval(), cfg

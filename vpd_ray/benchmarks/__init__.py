@@ -1,1 +1,1 @@
-"""Benchmarks behind ``python -m vpd_ray.bench``; each module has ``main(argv) -> int``."""
+"""Benchmarks behind ``python -m vpd_ray.bench <name>``; each module has a ``main(argv)``."""

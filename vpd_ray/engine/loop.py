@@ -30,6 +30,7 @@ from vpd_ray.engine.evaluation import evaluate_task, to_device
 from vpd_ray.engine.optim import deepspeed_config, lr_factor, param_groups, set_lr
 
 FAULT_MARKER = ".fault_injected"
+EVENTS = "events.log"
 
 
 def detach_vae(model: torch.nn.Module) -> torch.nn.Module:
@@ -218,7 +219,14 @@ class Trainer:
             meta = ckpt.read_meta(directory)
         self.state = RunState(step=meta["step"], epochs=meta["epochs"], nan_skips=meta["nan_skips"])
         if self.rank == 0:
-            print(f"[vpd] resuming from checkpoint {checkpoint.path} at step {self.state.step}", flush=True)
+            self._event(f"resuming from checkpoint {checkpoint.path} at step {self.state.step}")
+
+    def _event(self, line: str) -> None:
+        """Rank 0: print, and append to ``<run dir>/events.log`` (restarts and resumes stay on record)."""
+        print(f"[vpd] {line}", flush=True)
+        os.makedirs(self.run_dir, exist_ok=True)
+        with open(os.path.join(self.run_dir, EVENTS), "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
 
     def _maybe_fail(self, step: int) -> None:
         """Test hook: the last rank dies once at ``fail_once_at_step`` (a marker file makes it once)."""

@@ -1,0 +1,43 @@
+"""The real client path: a token-authenticated local Ray head, `ray job submit` of the sample
+training through launchers/local.sh, SUCCEEDED, a model package on disk, the head stopped."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_job_submit_sample_training(tmp_path):
+    home = tmp_path / "home"  # its own ~/.ray/auth_token
+    home.mkdir()
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+        "VPD_RAY_PORT": str(_free_port()),
+        "VPD_DASHBOARD_PORT": str(_free_port()),
+        "VPD_RAY_START_ARGS": f"--dashboard-agent-listen-port={_free_port()} --temp-dir={tmp_path}/ray",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    overrides = [f"run.storage_path={tmp_path}/runs", "run.name=job", "train.max_steps=4", "train.val_every=4",
+                 "train.log_every=2"]
+    proc = subprocess.run(["launchers/local.sh", "configs/sample.yaml", *overrides], env=env, capture_output=True,
+                          text=True, timeout=600)
+    print(proc.stdout[-3000:])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SUCCEEDED" in proc.stdout
+    assert (tmp_path / "runs" / "job" / "package" / "model.safetensors").is_file()
+    # The head is gone: its GCS port no longer accepts connections.
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", int(env["VPD_RAY_PORT"]))) != 0

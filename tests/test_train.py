@@ -1,0 +1,204 @@
+"""End-to-end training on 2 CPU Ray workers with DeepSpeed: learning, fault recovery, export, ZeRO stages.
+
+One module-scoped run of ``configs/sample.yaml`` (a worker killed once mid-run) feeds several
+tests, so DeepSpeed's op build and Ray's start are paid once.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from vpd_ray.config import load
+from vpd_ray.engine.evaluation import evaluate_task
+from vpd_ray.engine.loop import EVENTS, FAULT_MARKER
+from vpd_ray.package import load_package
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS, VAL_EVERY, FAIL_AT = 120, 40, 50
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A 2-CPU Ray head of our own on 127.0.0.1, with RAY_ADDRESS pointing at it in every process.
+
+    (``ray.init()`` with no address would leave Ray Train's placement-group cleaner to guess the
+    cluster, and with other Ray instances on the machine it can pick one and kill our workers.)
+    """
+    import ray
+
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "RAY_ADDRESS": address, "RAY_USAGE_STATS_ENABLED": "0"}
+    temp_dir = tempfile.mkdtemp(prefix="vpdray")
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+         "--num-gpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
+         f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        for _ in range(60):
+            try:
+                ray.init(address=address)
+                break
+            except ConnectionError:
+                time.sleep(1)
+        yield
+    finally:
+        ray.shutdown()
+        head.terminate()
+        head.wait(timeout=120)
+        os.environ.pop("RAY_ADDRESS", None)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def sample_run(ray_cluster, tmp_path_factory):
+    """The sample training with the last worker dying once right after step FAIL_AT."""
+    from vpd_ray.train import FAIL_ENV, fit
+
+    storage = tmp_path_factory.mktemp("runs")
+    cfg = load("configs/sample.yaml", [f"run.storage_path={storage}", f"train.max_steps={MAX_STEPS}",
+                                       f"train.val_every={VAL_EVERY}", "run.name=sample"])
+    os.environ[FAIL_ENV] = str(FAIL_AT)
+    try:
+        result = fit(cfg)
+    finally:
+        os.environ.pop(FAIL_ENV)
+    assert result.error is None, result.error
+    return cfg, result, os.path.join(str(storage), "sample")
+
+
+def _val_stream(cfg, task, num_workers=0):
+    from vpd_ray.data.pipeline import build_stream
+
+    return build_stream(cfg.tasks.depth.val_shards, task.eval_transform, train=False, batch_size=8,
+                        fields=task.fields, num_workers=num_workers, rank=0, world_size=1)
+
+
+def _mean_depth_baseline(cfg, task) -> float:
+    """Validation RMSE of predicting the mean training depth everywhere (same per-image averaging)."""
+    from vpd_ray.data.pipeline import build_stream
+
+    train = build_stream(cfg.tasks.depth.train_shards, task.eval_transform, train=False, batch_size=16,
+                         fields=task.fields, num_workers=0, rank=0, world_size=1)
+    depths = torch.cat([b["depth"][b["depth"] > 0] for b in train])
+    mean = float(depths.mean())
+    metric = task.metric()
+    for batch in _val_stream(cfg, task):
+        metric.update(torch.full_like(batch["depth"], mean), batch)
+    return metric.compute()["rmse"]
+
+
+def test_learns_below_mean_baseline(sample_run):
+    cfg, result, _ = sample_run
+    model, _ = load_package(os.path.join(sample_run[2], "package"))
+    baseline = _mean_depth_baseline(cfg, model.tasks["depth"])
+    rmse = result.metrics["depth/rmse"]
+    print(f"\nsample run: validation RMSE {rmse:.3f} vs predict-the-training-mean baseline {baseline:.3f}")
+    assert rmse < 0.8 * baseline
+
+
+def test_fault_resumes_from_latest_checkpoint(sample_run):
+    _, result, run_dir = sample_run
+    assert os.path.exists(os.path.join(run_dir, FAULT_MARKER))  # the worker did die
+    with open(os.path.join(run_dir, EVENTS)) as f:
+        events = f.read()
+    expected = os.path.join(run_dir, f"checkpoint_{FAIL_AT // VAL_EVERY * VAL_EVERY:08d}")
+    assert f"resuming from checkpoint {expected} at step {FAIL_AT // VAL_EVERY * VAL_EVERY}" in events
+    assert result.metrics["step"] == MAX_STEPS
+    assert len(result.best_checkpoints) <= 2  # train.checkpoint.keep (Ray deletes the others' dirs lazily)
+
+
+def test_package_reproduces_run_metrics(sample_run):
+    """fp32 package (consolidated ZeRO-2 shards + frozen VAE/class embeddings) ~ the bf16 run's RMSE."""
+    cfg, result, run_dir = sample_run
+    model, package_cfg = load_package(os.path.join(run_dir, "package"))
+    assert package_cfg.deepspeed.zero_stage == 2
+    task = model.tasks["depth"]
+
+    def forward(images, batch):
+        return model.forward_images("depth", images, batch)
+
+    with torch.no_grad():
+        metrics = evaluate_task(task, forward, _val_stream(cfg, task), torch.device("cpu"))
+    best = min(m["depth/rmse"] for _, m in result.best_checkpoints)
+    assert metrics["depth/rmse"] == pytest.approx(best, rel=0.05)
+
+
+def test_export_cli_from_run_dir(sample_run, tmp_path):
+    from safetensors.torch import load_file
+
+    _, _, run_dir = sample_run
+    out = tmp_path / "pkg"
+    proc = subprocess.run([sys.executable, "-m", "vpd_ray.export", run_dir, str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours, theirs = load_file(out / "model.safetensors"), load_file(os.path.join(run_dir, "package", "model.safetensors"))
+    assert ours.keys() == theirs.keys() and any(k.startswith("backbone.vae.") for k in ours)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_distributed_evaluate_matches_single_process(sample_run):
+    from vpd_ray.evaluate import evaluate, seed_rows
+
+    cfg, _, run_dir = sample_run
+    package = os.path.join(run_dir, "package")
+    model, _ = load_package(package)
+    task = model.tasks["depth"]
+    with torch.no_grad():
+        single = evaluate_task(task, lambda i, b: model.forward_images("depth", i, b), _val_stream(cfg, task),
+                               torch.device("cpu"))
+    distributed = evaluate(cfg, package)  # 2 workers, test_shards = the val shards in the sample config
+    assert distributed["depth/rmse"] == pytest.approx(single["depth/rmse"], rel=1e-5)
+    assert seed_rows(distributed)[0].startswith("depth: RMSE")
+
+
+def _stage_losses(loop_config):
+    """Ray worker: 3 optimizer steps at ZeRO 0, 2 and 3 from the same init and the same batches."""
+    import ray.train
+
+    from vpd_ray.config import from_container
+    from vpd_ray.engine.loop import Trainer
+
+    losses = {}
+    for stage in (0, 2, 3):
+        cfg = from_container(loop_config["config"])
+        cfg.deepspeed.zero_stage = stage
+        trainer = Trainer(cfg, loop_config)
+        iters = {name: iter(stream) for name, stream in trainer._streams().items()}
+        losses[f"zero{stage}"] = [trainer.train_step(step, iters) for step in range(3)]
+    ray.train.report({k: list(v) for k, v in losses.items()})
+
+
+def test_zero_stages_give_the_same_loss(ray_cluster, tmp_path):
+    from omegaconf import OmegaConf
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = load("configs/sample.yaml", [f"run.storage_path={tmp_path}", "data.num_workers=0", "train.lr=1e-3"])
+    trainer = TorchTrainer(_stage_losses, train_loop_config={"config": OmegaConf.to_container(cfg)},
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                           run_config=RunConfig(name="zero", storage_path=str(tmp_path)),
+                           torch_config=TorchConfig(backend="gloo"))
+    metrics = trainer.fit().metrics
+    print("\nlosses per ZeRO stage:", {k: np.round(metrics[k], 4).tolist() for k in ("zero0", "zero2", "zero3")})
+    for stage in ("zero2", "zero3"):
+        np.testing.assert_allclose(metrics[stage], metrics["zero0"], rtol=2e-2)

@@ -1,0 +1,115 @@
+"""``python -m vpd_ray.bench train``: seconds per optimizer step of the Ray Train + DeepSpeed loop
+against a bare PyTorch loop over the same model and the same batches, measured in the same run.
+
+Both loops take their batches from one in-memory list drawn from the config's train stream (rank 0
+of 1), so data loading is out of the figure and the ratio is the trainer's own overhead: Ray worker
+dispatch, DeepSpeed's engine, ZeRO bookkeeping, bf16 casting. One Ray worker, so both do the
+same arithmetic per step. Prints a markdown table (paste it into docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from typing import Any
+
+import torch
+
+
+def _batches(cfg: Any, task: Any, count: int) -> list[dict[str, Any]]:
+    from vpd_ray.data.pipeline import build_stream
+
+    stream = build_stream(task.cfg.train_shards, task.train_transform, train=True, batch_size=task.cfg.batch_size,
+                          seed=cfg.run.seed, fields=task.fields, num_workers=0, rank=0, world_size=1)
+    return list(itertools.islice(stream, count))
+
+
+def bare_seconds_per_step(cfg: Any, steps: int, warmup: int) -> float:
+    """Plain PyTorch: fp32 model, VAE under no_grad, AdamW with the trainer's param groups."""
+    from vpd_ray.engine.optim import param_groups
+    from vpd_ray.package import build_model
+
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg).train()
+    name, task = next(iter(model.tasks.items()))
+    groups = param_groups(model.named_parameters(), cfg.train.lr, cfg.train.weight_decay, cfg.train.unet_lr_mult)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
+    batches = _batches(cfg, task, warmup + steps)
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            start = time.perf_counter()
+        loss = task.loss(model(name, batch, latents=model.backbone.encode(batch["image"])), batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+    return (time.perf_counter() - start) / steps
+
+
+def _ray_worker(loop_config: dict[str, Any]) -> None:
+    """Ray worker: the trainer's own ``train_step`` over the same batches."""
+    import ray.train
+
+    from vpd_ray.config import from_container
+    from vpd_ray.engine.loop import Trainer
+
+    cfg = from_container(loop_config["config"])
+    trainer = Trainer(cfg, loop_config)
+    name, task = next(iter(trainer.tasks.items()))
+    steps, warmup = loop_config["steps"], loop_config["warmup"]
+    batches = iter(_batches(cfg, task, warmup + steps))
+    for step in range(warmup):
+        trainer.train_step(step, {name: batches})
+    start = time.perf_counter()
+    for step in range(warmup, warmup + steps):
+        trainer.train_step(step, {name: batches})
+    ray.train.report({"seconds_per_step": (time.perf_counter() - start) / steps})
+
+
+def ray_seconds_per_step(cfg: Any, steps: int, warmup: int) -> float:
+    from omegaconf import OmegaConf
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"config": OmegaConf.to_container(cfg, resolve=True), "steps": steps, "warmup": warmup},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=dict(cfg.scaling.resources_per_worker) or None),
+        run_config=RunConfig(name=f"bench-{int(time.time())}", storage_path=cfg.run.storage_path),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+    )
+    return trainer.fit().metrics["seconds_per_step"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    from vpd_ray.config import load_or_exit
+
+    parser = argparse.ArgumentParser(prog="python -m vpd_ray.bench train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/sample.yaml")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    args = parser.parse_args(argv)
+    cfg = load_or_exit(args.config, ["scaling.num_workers=1", *args.overrides], need=("train_shards",))
+    torch.set_num_threads(1)  # as a Ray worker with one CPU: the same compute budget for both loops
+    bare = bare_seconds_per_step(cfg, args.steps, args.warmup)
+    if not ray.is_initialized():
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    rows = [("bare PyTorch (fp32, 1 process)", bare)]
+    for stage, bf16 in ((0, False), (cfg.deepspeed.zero_stage, cfg.deepspeed.bf16)):
+        cfg.deepspeed.zero_stage, cfg.deepspeed.bf16 = stage, bf16
+        label = f"Ray Train + DeepSpeed ZeRO-{stage} {'bf16' if bf16 else 'fp32'} (1 worker)"
+        rows.append((label, ray_seconds_per_step(cfg, args.steps, args.warmup)))
+    batch = next(iter(cfg.tasks.values())).batch_size
+    print(f"\nconfig {args.config}, micro-batch {batch}, {args.steps} timed steps after {args.warmup} warm-up\n")
+    print("| loop | s/step | ratio vs bare |")
+    print("|---|---|---|")
+    for label, seconds in rows:
+        print(f"| {label} | {seconds:.3f} | {seconds / bare:.2f} |")
+    return 0
