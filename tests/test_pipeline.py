@@ -218,3 +218,14 @@ def test_hsv_round_trip_and_eval_prepare():
     assert np.abs(back - image).max() <= 4  # 2-degree hue steps, as in OpenCV's 8-bit HSV
     img_t, depth_t = aug.eval_prepare(*_ramp())
     assert img_t.shape == (3, 48, 64) and depth_t.shape == (1, 48, 64)
+
+
+def test_fsspec_url_without_manifest_is_counted_and_read(shards):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for path in shards[:2]:
+        fs.pipe(f"/vpd_ray_test/{os.path.basename(path)}", open(path, "rb").read())
+    url = "memory://vpd_ray_test/t{0..1}-000000.tar"  # no manifest there: counts come from a header scan
+    stream = build_stream(url, _meta_transform, train=False, batch_size=4, num_workers=0, rank=0, world_size=1)
+    assert [k for batch in stream for k in batch["__key__"]] == [f"k{i:04d}" for i in range(COUNTS[0] + COUNTS[1])]
