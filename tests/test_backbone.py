@@ -60,7 +60,9 @@ def test_attention_maps_match_explicit_computation(backbone):
     """One layer's captured map equals softmax(QK^T) averaged over heads, computed by hand."""
     image, ctx = torch.rand(1, 3, 128, 128), _context(backbone, tokens=2)
     seen = {}
-    layer_names = [f"down_blocks.2.attentions.{i}" for i in range(2)] + [f"up_blocks.1.attentions.{i}" for i in range(3)]
+    # the five cross-attention layers at 1/32 of the image, whose mean map joins f3
+    layer_names = [f"down_blocks.2.attentions.{i}" for i in range(2)]
+    layer_names += [f"up_blocks.1.attentions.{i}" for i in range(3)]
 
     def keep_input(name):
         def hook(module, args, kwargs):
@@ -68,17 +70,15 @@ def test_attention_maps_match_explicit_computation(backbone):
 
         return hook
 
-    handles = [
-        backbone.unet.get_submodule(n + ".transformer_blocks.0.attn2").register_forward_pre_hook(keep_input(n), with_kwargs=True)
-        for n in layer_names
-    ]
+    attn2 = {n: backbone.unet.get_submodule(n + ".transformer_blocks.0.attn2") for n in layer_names}
+    handles = [attn2[n].register_forward_pre_hook(keep_input(n), with_kwargs=True) for n in layer_names]
     try:
         with torch.no_grad():
             feats = backbone(image, ctx, with_attention_maps=True)
             adapted = backbone.text_adapter(ctx)
             maps = []
             for n in layer_names:
-                attn = backbone.unet.get_submodule(n + ".transformer_blocks.0.attn2")
+                attn = attn2[n]
                 q = attn.to_q(seen[n]).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
                 k = attn.to_k(adapted).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
                 maps.append(((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1).mean(1))
@@ -96,7 +96,11 @@ def test_probabilities_only_materialised_when_maps_requested(backbone, monkeypat
 
     calls = []
     original = Attention.get_attention_scores
-    monkeypatch.setattr(Attention, "get_attention_scores", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Attention, "get_attention_scores", counting)
     image, ctx = torch.rand(1, 3, 128, 128), _context(backbone)
     with torch.no_grad():
         backbone(image, ctx)
@@ -174,7 +178,8 @@ def test_test_helper_inverse_layout_round_trips(tiny_sd_dir):
     vae = load_file(tiny_sd_dir / "vae" / "diffusion_pytorch_model.safetensors")
     ckpt = to_original_checkpoint(unet, vae)
     configs = [json.loads((tiny_sd_dir / sub / "config.json").read_text()) for sub in ("unet", "vae")]
-    for original, converted in ((unet, convert_ldm_unet_checkpoint(ckpt, configs[0])), (vae, convert_ldm_vae_checkpoint(ckpt, configs[1]))):
+    pairs = ((unet, convert_ldm_unet_checkpoint(ckpt, configs[0])), (vae, convert_ldm_vae_checkpoint(ckpt, configs[1])))
+    for original, converted in pairs:
         assert converted.keys() == original.keys()
         assert all(torch.equal(converted[k], original[k]) for k in original)
 
@@ -202,7 +207,8 @@ def test_non_sd_unet_is_rejected():
 
     unet = UNet2DConditionModel(
         block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, norm_num_groups=8, layers_per_block=1,
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, norm_num_groups=8,
+        layers_per_block=1,
     )  # fmt: skip
     with pytest.raises(ValueError, match="UNet is not SD v1-shaped: down \\('CrossAttnDownBlock2D', 'DownBlock2D'\\)"):
         VPDBackbone(unet, AutoencoderKL(block_out_channels=(8,), norm_num_groups=8))

@@ -55,7 +55,8 @@ def test_load_reproduces_the_source_model(tmp_path, source, tiny_backbone_config
     path = tmp_path / "vpd_depth.pth"
     torch.save({"model": authors_layout(source, embeddings_3d)}, path)
     target = _model(tiny_backbone_config, seed=1)
-    assert not torch.equal(target.state_dict()["backbone.unet.conv_in.weight"], source.state_dict()["backbone.unet.conv_in.weight"])
+    key = "backbone.unet.conv_in.weight"
+    assert not torch.equal(target.state_dict()[key], source.state_dict()[key])  # really different weights
     report = load_vpd_depth_checkpoint(str(path), target)
     want, got = source.state_dict(), target.state_dict()
     for key in want:
@@ -94,7 +95,8 @@ def test_missing_keys_and_wrong_files_are_errors(tmp_path, source, tiny_backbone
     del state["last_layer_depth.2.weight"]
     torch.save({"model": state}, tmp_path / "partial.pth")
     target = _model(tiny_backbone_config, seed=1)
-    with pytest.raises(ValueError, match=r"does not fit the model: missing \['heads.depth.last_layer_depth.2.weight'\]"):
+    missing = r"does not fit the model: missing \['heads.depth.last_layer_depth.2.weight'\]"
+    with pytest.raises(ValueError, match=missing):
         load_vpd_depth_checkpoint(str(tmp_path / "partial.pth"), target)
     torch.save({"state_dict": {}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="expected a dict with a 'model' entry"):

@@ -45,7 +45,8 @@ def test_context_is_scene_embedding_token(model):
 def test_training_step_gives_every_trainable_parameter_a_gradient(tiny_backbone_config):
     task = DepthTask(DepthConfig(head_dim=16))
     model = VPDModel(VPDBackbone.from_config(tiny_backbone_config), {"depth": task})
-    batch = {"image": torch.rand(2, 3, 128, 128), "depth": torch.rand(2, 1, 128, 128) * 5, "class_id": torch.tensor([0, -1])}
+    batch = {"image": torch.rand(2, 3, 128, 128), "depth": torch.rand(2, 1, 128, 128) * 5}
+    batch["class_id"] = torch.tensor([0, -1])
     loss = task.loss(model("depth", batch), batch)
     loss.backward()
     assert torch.isfinite(loss)
@@ -165,7 +166,8 @@ def test_class_id_from_metadata():
 
 def test_transforms_produce_batch_tensors():
     task = DepthTask(DepthConfig(crop_size=[64, 64]))
-    sample = {"image": np.zeros((96, 128, 3), np.uint8), "depth": np.ones((96, 128), np.float32), "meta": {"class_id": 1}}
+    sample = {"image": np.zeros((96, 128, 3), np.uint8), "depth": np.ones((96, 128), np.float32)}
+    sample["meta"] = {"class_id": 1}
     out = task.train_transform(sample, np.random.default_rng(0))
     assert out["image"].shape == (3, 64, 64) and out["depth"].shape == (1, 64, 64) and out["class_id"].item() == 1
     out = task.eval_transform(sample)

@@ -312,11 +312,10 @@ def read_original_checkpoint(path: str) -> dict[str, torch.Tensor]:
 
 
 def _check_diffusers_folder(path: str) -> None:
-    missing = [sub for sub in ("unet", "vae") if not os.path.isfile(os.path.join(path, sub, "config.json"))]
+    configs = [f"{sub}/config.json" for sub in ("unet", "vae")]
+    missing = [c for c in configs if not os.path.isfile(os.path.join(path, c))]
     if missing:
-        raise ValueError(
-            f"{path!r} is not a diffusers Stable Diffusion folder: missing {', '.join(f'{m}/config.json' for m in missing)}"
-        )
+        raise ValueError(f"{path!r} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}")
 
 
 def _check_sd_v1(config: Any) -> None:

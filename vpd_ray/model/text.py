@@ -155,7 +155,9 @@ def load_class_embeddings(path: str, num_classes: int | None = None, dim: int | 
     from safetensors import safe_open
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"class embeddings file {path!r} does not exist (make one: python -m vpd_ray.embeddings)")
+        raise FileNotFoundError(
+            f"class embeddings file {path!r} does not exist (make one: python -m vpd_ray.embeddings)"
+        )
     with safe_open(path, framework="pt") as f:
         if CLASS_EMBEDDINGS_KEY not in f.keys():
             raise ValueError(f"{path!r} has no {CLASS_EMBEDDINGS_KEY!r} tensor (tensors: {list(f.keys())})")
