@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -103,3 +104,105 @@ def test_drop_existing_skips_written_outputs(tmp_path):
     (tmp_path / "out" / "a.png").write_bytes(b"done")
     src, dropped = sources.drop_existing(sources.resolve_input(str(tmp_path / "in")), tmp_path / "out")
     assert dropped == 1 and [os.path.basename(p) for p in src.paths] == ["b.jpg"]
+
+
+# --- the model path -----------------------------------------------------------------------------
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_CONFIG = os.path.join(REPO, "configs", "sample.yaml")
+
+
+def export_tiny_package(out_dir, overrides=()):
+    """A model package of the tiny random-weight model of ``configs/sample.yaml`` (no training)."""
+    from vpd_ray.config import compose, to_yaml
+    from vpd_ray.package import architecture, build_model, export_package
+
+    cfg = compose(SAMPLE_CONFIG, list(overrides))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    return export_package(model.state_dict(), to_yaml(cfg), architecture(model), str(out_dir))
+
+
+@pytest.fixture(scope="module")
+def depth_package(tmp_path_factory):
+    return export_tiny_package(tmp_path_factory.mktemp("depth_pkg"))
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    """Three real photographs (scikit-image), two synthetic NYU-like frames from the sample shards,
+    and one file that is not an image."""
+    import tarfile
+
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("photos")
+    Image.fromarray(data.chelsea()).save(root / "chelsea.jpg")
+    Image.fromarray(data.coffee()).save(root / "coffee.png")
+    (root / "nested").mkdir()
+    Image.fromarray(data.astronaut()).save(root / "nested" / "astronaut.jpg")
+    with tarfile.open(os.path.join(REPO, "shards", "sample", "depth-val-000000.tar")) as tar:
+        jpgs = [m for m in tar.getmembers() if m.name.endswith(".jpg")][:2]
+        for member in jpgs:
+            (root / member.name).write_bytes(tar.extractfile(member).read())
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def reference_depth_mm(model, image_path):
+    """The single-process answer: one forward of the loaded package with the mean class embedding."""
+    pixels = torch.from_numpy(np.array(Image.open(image_path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        depth = model("depth", {"image": pixels, "class_id": torch.tensor([-1])})[0, 0].numpy()
+    return writers.depth_to_mm(depth)
+
+
+@pytest.mark.slow
+def test_ray_inference_matches_single_process_and_reruns_cheaply(ray_cluster, depth_package, photo_dir, tmp_path):
+    from vpd_ray.inference.runner import REPORT_NAME, InferOptions, run_inference
+
+    out = tmp_path / "out"
+    opts = InferOptions(model=depth_package, input=str(photo_dir), output=str(out), max_side=None, preview=True,
+                        batch_size=2)
+    summary = run_inference(opts)
+    assert (summary.images, summary.written, summary.failed) == (6, 5, 1)
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert [f["input"] for f in report["failures"]] == [str(photo_dir / "broken.jpg")]
+
+    from vpd_ray.package import load_package
+
+    model, _ = load_package(depth_package)
+    inputs = sorted(p for p in photo_dir.rglob("*") if p.is_file() and p.name != "broken.jpg")
+    for image_path in inputs:
+        name = os.path.splitext(os.path.relpath(image_path, photo_dir))[0]
+        written = Image.open(out / f"{name}.png")
+        assert written.mode == "I;16"
+        got = np.asarray(written).astype(np.int64)
+        want = reference_depth_mm(model, image_path).astype(np.int64)
+        assert got.shape == want.shape == np.asarray(Image.open(image_path)).shape[:2]
+        assert np.abs(got - want).max() <= 1  # rounding to whole millimetres
+        assert (out / "preview" / f"{name}.jpg").is_file()
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    again = run_inference(opts)
+    assert (again.written, again.skipped, again.failed) == (0, 5, 1)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == stamps
+
+
+@pytest.mark.slow
+def test_ray_inference_reads_shards_through_the_whitelist(ray_cluster, depth_package, tmp_path):
+    from vpd_ray.inference.runner import InferOptions, run_inference
+
+    shard = os.path.join(REPO, "shards", "sample", "depth-val-000000.tar")
+    summary = run_inference(InferOptions(model=depth_package, input=shard, output=str(tmp_path), batch_size=16,
+                                         protocol=True))
+    assert summary.failed == 0 and summary.written == summary.images == 64
+    written = sorted(p.stem for p in tmp_path.glob("*.png"))
+    assert written[0] == "synth_depth_s1_0000000" and len(written) == 64

@@ -52,7 +52,7 @@ class Predictor:
         self,
         package: str,
         output_dir: str,
-        task: str | None = None,
+        task: str,
         protocol: bool = False,
         preview: bool = False,
         root: str = "",
@@ -66,7 +66,7 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, _ = load_package(package)
         self.model.eval().to(self.device)
-        self.task = pick_task(self.model, task)
+        self.task = self.model.tasks[task]  # checked on the driver (runner.resolve_task)
         self.output_dir = Path(output_dir)
         self.protocol, self.preview, self.root, self.max_side = protocol, preview, root, max_side
 
@@ -87,6 +87,9 @@ class Predictor:
             todo.append((source, name, image, row.get("sentence")))
         predictions = self.predict([t[2] for t in todo], [t[3] for t in todo])
         for (source, name, _, _), prediction in zip(todo, predictions):
+            if isinstance(prediction, str):
+                statuses.append((source, name, FAILED, prediction))
+                continue
             self._write(name, prediction)
             statuses.append((source, name, WRITTEN, ""))
         columns = list(zip(*statuses)) if statuses else [(), (), (), ()]
@@ -119,72 +122,80 @@ class Predictor:
             writers.write_label_png(path, prediction)
 
     # --- the model ----------------------------------------------------------------------------
-    def predict(self, images: list[np.ndarray], sentences: list[str | None]) -> list[np.ndarray]:
-        """Predictions at each image's own size: float HxW (a regression map) or int HxW (labels).
+    def predict(self, images: list[np.ndarray], sentences: list[str | None]) -> list[np.ndarray | str]:
+        """Per image: its prediction at its own size (float HxW for a regression map, uint8 HxW for
+        labels), or the reason the model refused it (e.g. a protocol that needs another image size).
 
         Images of equal size after ``max_side`` share one forward pass.
         """
-        results: list[np.ndarray | None] = [None] * len(images)
+        results: list[np.ndarray | str] = [""] * len(images)
         fitted = [_fit(image, self.max_side) for image in images]
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(fitted):
             groups.setdefault(image.shape, []).append(i)
         for indices in groups.values():
-            outputs = self._forward(
-                np.stack([fitted[i] for i in indices]),
-                [sentences[i] for i in indices],
-                [images[i].shape[:2] for i in indices],
-            )
+            try:
+                outputs = self._forward(
+                    np.stack([fitted[i] for i in indices]),
+                    [sentences[i] for i in indices],
+                    [images[i].shape[:2] for i in indices],
+                )
+            except ValueError as err:  # the task's own check of its inputs, e.g. window vs image size
+                outputs = [f"ValueError: {err}"] * len(indices)
             for i, output in zip(indices, outputs):
                 results[i] = output
-        return results  # type: ignore[return-value]
+        return results
 
     def _forward(self, images: np.ndarray, sentences: list[str | None], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
-        """One stacked batch ``[B,H,W,3]`` uint8 -> per-image predictions resized to ``sizes``."""
+        """One stacked batch ``[B,H,W,3]`` uint8 -> per-image maps resized to ``sizes``."""
         import torch
-        import torch.nn.functional as F
 
         pixels = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 255.0  # [B,3,H,W]
-        batch = model_inputs(self.task, pixels, sentences)
+        batch = model_inputs(self.task, pixels, sentences, self.protocol)
         with torch.inference_mode():
-            if self.protocol:
-                scores = self.model.predict(self.task.name, batch)
-            else:
-                scores = self.model(self.task.name, batch)
-        scores = as_score_maps(scores)  # [B,C,h,w]
-        outputs = []
-        for score, size in zip(scores, sizes):
-            if tuple(score.shape[-2:]) != tuple(size):
-                score = F.interpolate(score[None], size=size, mode="bilinear", align_corners=False)[0]
-            outputs.append(score[0].float().cpu().numpy() if score.shape[0] == 1 else score.argmax(0).to(torch.uint8).cpu().numpy())
-        return outputs
+            output = self.model.predict(self.task.name, batch) if self.protocol else self.model(self.task.name, batch)
+        return [to_map(item, size) for item, size in zip(output, sizes)]
 
 
-def pick_task(model: Any, name: str | None) -> Any:
-    """The model's task called ``name``; with ``None`` the model must have exactly one task."""
-    tasks = model.tasks
-    if name is None:
-        if len(tasks) != 1:
-            raise ValueError(f"the package holds tasks {sorted(tasks)}: choose one with --task")
-        return next(iter(tasks.values()))
-    if name not in tasks:
-        raise ValueError(f"--task {name!r} is not in the package (tasks: {', '.join(sorted(tasks))})")
-    return tasks[name]
+def model_inputs(task: Any, pixels: Any, sentences: list[str | None], protocol: bool) -> dict[str, Any]:
+    """The batch a task needs for unlabelled images ``pixels`` ``[B,3,H,W]`` in [0,1].
 
-
-def model_inputs(task: Any, pixels: Any, sentences: list[str | None]) -> dict[str, Any]:
-    """The batch a task's context builder needs for images with no labels."""
+    Scene-class tasks (depth) get class id -1, i.e. the mean class embedding (VPD.md: the default
+    for arbitrary photos); sentence tasks (referring) get the tokenised sentences, as one sentence
+    slot per image (``[B,1,T]`` plus ``sentence_valid``) for the test protocol.
+    """
     import torch
 
     batch: dict[str, Any] = {"image": pixels}
-    if any(s is not None for s in sentences):
-        batch["sentence"] = [s or "" for s in sentences]
-    batch["class_id"] = torch.full((pixels.shape[0],), UNKNOWN_CLASS, dtype=torch.long, device=pixels.device)
+    b = pixels.shape[0]
+    if hasattr(task, "tokenize"):
+        if any(s is None for s in sentences):
+            raise ValueError(f"task {task.name!r} needs a sentence per image: give --input a JSONL of (image, sentence)")
+        ids = task.tokenize(list(sentences)).to(pixels.device)  # [B,T]
+        if protocol:
+            ids = ids[:, None]
+            batch["sentence_valid"] = torch.ones(b, 1, dtype=torch.bool, device=pixels.device)
+        batch["input_ids"] = ids
+    else:
+        batch["class_id"] = torch.full((b,), UNKNOWN_CLASS, dtype=torch.long, device=pixels.device)
     return batch
 
 
-def as_score_maps(output: Any) -> Any:
-    """A model output -> ``[B,C,H,W]`` (C=1 for regression)."""
-    if isinstance(output, dict):
-        output = output["pred"]
-    return output[:, None] if output.ndim == 3 else output
+def to_map(output: Any, size: tuple[int, int]) -> np.ndarray:
+    """One image's model output -> a map of ``size``: float HxW (regression, ``[1,h,w]`` scores),
+    uint8 HxW class ids (``[C,h,w]`` scores, resized before the argmax, or ``[h,w]`` / ``[1,h,w]``
+    integer labels from a protocol, resized by nearest neighbour)."""
+    import torch
+    import torch.nn.functional as F
+
+    if output.is_floating_point():
+        scores = output if output.ndim == 3 else output[None]  # [C,h,w]
+        if tuple(scores.shape[-2:]) != tuple(size):
+            scores = F.interpolate(scores[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+        if scores.shape[0] == 1:
+            return scores[0].float().cpu().numpy()
+        return scores.argmax(0).to(torch.uint8).cpu().numpy()
+    labels = output.reshape(output.shape[-2:])  # [h,w] (a protocol's one sentence slot included)
+    if tuple(labels.shape) != tuple(size):
+        labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0]
+    return labels.to(torch.uint8).cpu().numpy()

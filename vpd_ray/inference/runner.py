@@ -94,8 +94,25 @@ def predictor_kwargs(opts: InferOptions, source: sources.InferenceInput) -> dict
             "preview": opts.preview, "root": source.root, "max_side": opts.max_side}
 
 
+def resolve_task(package: str, task: str | None) -> str:
+    """The task to run, checked against the package's config on the driver (no weights loaded),
+    so a wrong ``--task`` is one line here rather than an actor's stack trace."""
+    from vpd_ray.package import CONFIG, load_config
+
+    config = Path(package) / CONFIG
+    if not config.is_file():
+        raise FileNotFoundError(f"--model {package!r} is not a model package: {CONFIG} missing")
+    tasks = sorted(load_config(str(config)).tasks)
+    if task is None and len(tasks) == 1:
+        return tasks[0]
+    if task not in tasks:
+        raise ValueError(f"--task {task!r}: the package holds tasks {', '.join(tasks)}; choose one")
+    return task
+
+
 def run_inference(opts: InferOptions, stream: TextIO = sys.stderr) -> InferSummary:
     """Run one inference job (Ray must be initialised); writes ``OUT/infer_report.json``."""
+    opts = dataclasses.replace(opts, task=resolve_task(opts.model, opts.task))
     source = sources.resolve_input(opts.input)
     total = len(source) if source.kind != "shards" else 0  # shard samples are counted as they stream
     source, skipped = sources.drop_existing(source, opts.output)
