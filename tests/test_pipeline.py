@@ -229,3 +229,33 @@ def test_fsspec_url_without_manifest_is_counted_and_read(shards):
     url = "memory://vpd_ray_test/t{0..1}-000000.tar"  # no manifest there: counts come from a header scan
     stream = build_stream(url, _meta_transform, train=False, batch_size=4, num_workers=0, rank=0, world_size=1)
     assert [k for batch in stream for k in batch["__key__"]] == [f"k{i:04d}" for i in range(COUNTS[0] + COUNTS[1])]
+
+
+def _ray_train_worker(config: dict) -> None:
+    import ray.train
+
+    stream = build_stream(config["urls"], _meta_transform, train=False, batch_size=2, num_workers=0)
+    rank = ray.train.get_context().get_world_rank()
+    keys = [k for batch in stream for k in batch["__key__"]]
+    with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
+        json.dump({"rank": stream.dataset.rank, "world_size": stream.dataset.world_size, "keys": keys}, f)
+
+
+@pytest.mark.slow
+def test_rank_and_world_size_come_from_ray_train(shards, tmp_path):
+    ray = pytest.importorskip("ray")
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    here = os.path.dirname(os.path.abspath(__file__))  # Ray workers import this module to run the function
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([here, os.path.dirname(here)])}})
+    try:
+        TorchTrainer(_ray_train_worker, train_loop_config={"urls": shards, "out": str(tmp_path)},
+                     scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                     run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="ranks")).fit()
+    finally:
+        ray.shutdown()
+    results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert [(r["rank"], r["world_size"]) for r in results] == [(0, 2), (1, 2)]
+    assert sorted(results[0]["keys"] + results[1]["keys"]) == [f"k{i:04d}" for i in range(sum(COUNTS))]
