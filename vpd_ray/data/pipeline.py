@@ -129,26 +129,31 @@ class ShardDataset(IterableDataset):
 
     def _epoch(self, slot: int, epoch: int) -> Iterator[dict[str, Any]]:
         order = epoch_order(len(self.urls), self.seed, epoch, shuffle=self.train)
-        pieces = plan_epoch(self.counts, self.world_size * self.num_workers, order)[slot]
-        samples = self._decoded(pieces)
+        raw = self._raw(plan_epoch(self.counts, self.world_size * self.num_workers, order)[slot])
         if not self.train:
-            for sample in samples:
+            for sample in self._decoded(raw):
                 yield {**self.transform(sample), "__key__": sample["__key__"]}
             return
         rng = np.random.default_rng((self.seed, epoch, slot))
-        for sample in shuffle_buffer(samples, self.buffer, rng):
+        # The buffer holds encoded bytes (a third of a decoded NYU sample's memory); decode after it.
+        for sample in self._decoded(shuffle_buffer(raw, self.buffer, rng)):
             yield {**self.transform(sample, rng), "__key__": sample["__key__"], "__epoch__": epoch}
 
-    def _decoded(self, pieces: list[Piece]) -> Iterator[dict[str, Any]]:
+    def _raw(self, pieces: list[Piece]) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+        """``(url, key, {ext: bytes})`` of this slot's pieces; a truncated shard counts as corrupt."""
         for shard, skip, take in pieces:
             url = self.urls[shard]
             try:
-                for key, raw in iter_raw_samples(url, skip, take):
-                    try:
-                        yield decode_sample(raw, key, url, self.wanted)
-                    except CorruptSampleError as err:
-                        self._count_corrupt(str(err))
+                for key, fields in iter_raw_samples(url, skip, take):
+                    yield url, key, fields
             except TruncatedShardError as err:
+                self._count_corrupt(str(err))
+
+    def _decoded(self, raw: Iterator[tuple[str, str, dict[str, bytes]]]) -> Iterator[dict[str, Any]]:
+        for url, key, fields in raw:
+            try:
+                yield decode_sample(fields, key, url, self.wanted)
+            except CorruptSampleError as err:
                 self._count_corrupt(str(err))
 
     def _count_corrupt(self, what: str) -> None:
