@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vpd_ray.data.augment.depth import hsv8_to_rgb, rgb_to_hsv8
+
 IGNORE_INDEX = 255
 
 
@@ -37,7 +39,7 @@ def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a uint8 ``HxWx3`` image (OpenCV ``INTER_LINEAR`` semantics)."""
     if image.shape[:2] == tuple(hw):
         return image
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()  # copy: decoded arrays are read-only
     x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
     return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
@@ -46,7 +48,7 @@ def resize_label(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """Nearest resize of an ``HxW`` label map (OpenCV ``INTER_NEAREST`` semantics)."""
     if label.shape[:2] == tuple(hw):
         return label
-    x = torch.from_numpy(np.ascontiguousarray(label))[None, None]
+    x = torch.from_numpy(np.array(label))[None, None]
     return F.interpolate(x, size=hw, mode="nearest")[0, 0].numpy()
 
 
@@ -94,29 +96,6 @@ def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray
     return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
 
-def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-    """Float ``...x3`` RGB in [0,1] -> HSV in [0,1] (hue as a fraction of the circle)."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    maxc, minc = rgb.max(-1), rgb.min(-1)
-    delta = maxc - minc
-    safe = np.where(delta > 0, delta, 1.0)
-    hue = np.where(maxc == r, (g - b) / safe, np.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-    hue = np.where(delta > 0, (hue / 6.0) % 1.0, 0.0)
-    sat = np.where(maxc > 0, delta / np.where(maxc > 0, maxc, 1.0), 0.0)
-    return np.stack([hue, sat, maxc], -1)
-
-
-def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`rgb_to_hsv`."""
-    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    sector = np.floor(h * 6.0).astype(np.int64) % 6
-    f = h * 6.0 - np.floor(h * 6.0)
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    # (r, g, b) per hue sector 0..5
-    table = np.stack([np.stack(c, -1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))])
-    return np.take_along_axis(table, sector[None, ..., None].repeat(3, -1), 0)[0]
-
-
 def photometric_distortion(
     image: np.ndarray,
     rng: np.random.Generator,
@@ -127,21 +106,21 @@ def photometric_distortion(
 ) -> np.ndarray:
     """mmseg ``PhotoMetricDistortion``: brightness, contrast (before or after), saturation, hue; each p=0.5.
 
-    ``hue_delta`` is in OpenCV's uint8 hue units (180 per circle), as in mmseg.
+    Works in OpenCV's 8-bit HSV (hue 0..179) like mmseg, whose ``randint(-18, 18)`` excludes 18.
     """
     if rng.integers(2):
         image = _convert(image, beta=rng.uniform(-brightness_delta, brightness_delta))
     contrast_first = bool(rng.integers(2))
     if contrast_first and rng.integers(2):
         image = _convert(image, alpha=rng.uniform(*contrast_range))
-    do_saturation, do_hue = bool(rng.integers(2)), bool(rng.integers(2))
-    if do_saturation or do_hue:
-        hsv = rgb_to_hsv(image.astype(np.float64) / 255.0)
-        if do_saturation:
-            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(*saturation_range), 0.0, 1.0)
-        if do_hue:
-            hsv[..., 0] = (hsv[..., 0] + rng.integers(-hue_delta, hue_delta + 1) / 180.0) % 1.0
-        image = _convert(hsv_to_rgb(hsv) * 255.0 + 0.5)
+    if rng.integers(2):
+        hsv = rgb_to_hsv8(image)
+        hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(*saturation_range))
+        image = hsv8_to_rgb(hsv)
+    if rng.integers(2):
+        hsv = rgb_to_hsv8(image)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + rng.integers(-hue_delta, hue_delta)) % 180
+        image = hsv8_to_rgb(hsv)
     if not contrast_first and rng.integers(2):
         image = _convert(image, alpha=rng.uniform(*contrast_range))
     return image
@@ -158,9 +137,9 @@ def to_float_padded(
     if h > size or w > size:
         raise ValueError(f"cannot pad a {h}x{w} crop to {size}x{size}")
     out_image = torch.full((3, size, size), image_value, dtype=torch.float32)
-    out_image[:, :h, :w] = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    out_image[:, :h, :w] = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
     out_label = torch.full((size, size), label_value, dtype=torch.long)
-    out_label[:h, :w] = torch.from_numpy(np.ascontiguousarray(label)).long()
+    out_label[:h, :w] = torch.from_numpy(np.array(label)).long()
     return out_image, out_label
 
 

@@ -1,0 +1,174 @@
+"""Referring segmentation (RefCOCO, RefCOCO+, G-Ref), VPD's protocol: a frozen CLIP text encoder turns
+the sentence into ``last_hidden_state`` tokens, which (through the backbone's adapter) are the
+cross-attention context, attention maps on; top-down decoder; 2-class cross entropy.
+
+Training draws one sentence of a ref at random per step; evaluation scores every sentence of every
+ref. Sentences are tokenized in the data transform (``input_ids``), so loader workers load only the
+tokenizer; the CLIP text model runs in ``context`` on the batch's device. The text model belongs to
+the task, not to the ``nn.Module`` tree: it is frozen, so it stays out of the optimizer, out of
+DeepSpeed's ZeRO partitioning and out of checkpoints, and a model package names it by path
+(``tasks.refer.text_encoder``) instead of copying 123M frozen parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from vpd_ray.metrics.refer import ReferMetric
+from vpd_ray.tasks import register_task
+from vpd_ray.tasks.base import Batch, Sample, Task, TaskConfig
+
+
+@dataclasses.dataclass
+class ReferConfig(TaskConfig):
+    """Options under ``tasks.refer``. Defaults are the reference RefCOCO run."""
+
+    # CLIP text model: a transformers folder or hub id (SD v1: "<sd folder>/text_encoder"); required
+    text_encoder: str | None = None
+    tokenizer: str | None = None  # CLIP tokenizer folder or hub id; None: same as text_encoder
+    max_tokens: int = 40  # context length T: 40 for RefCOCO / RefCOCO+, 77 for G-Ref
+    image_size: int = 512  # images and masks are resized to this square
+    decoder_hidden: int = 0  # decoder width; 0: half the coarsest feature's channels (640 for SD)
+    class_weights: list[float] = dataclasses.field(default_factory=lambda: [0.9, 1.1])  # CE weights (bg, object)
+    max_sentences: int = 8  # eval: sentence slots per ref (a ref with more is an error naming it)
+
+
+def sentences_of(sample: Sample) -> list[str]:
+    """The ref's sentences from ``meta["sentences"]``: strings, or dicts with ``sent`` (the refs(unc).p form)."""
+    raw = sample.get("meta", {}).get("sentences")
+    if not raw:
+        raise ValueError(f"sample {sample.get('__key__')!r} has no meta['sentences']")
+    return [s["sent"] if isinstance(s, dict) else str(s) for s in raw]
+
+
+@register_task
+class ReferTask(Task):
+    name = "refer"
+    config_class = ReferConfig
+    primary_metric = "oIoU"
+    metric_mode = "max"
+    fields = ("jpg", "png", "mask.png", "json")
+    cfg: ReferConfig
+
+    def __init__(self, cfg: ReferConfig):
+        super().__init__(cfg)
+        if not cfg.text_encoder:
+            raise ValueError("tasks.refer.text_encoder: required (a CLIP text model folder or hub id)")
+        self._tokenizer = None
+        self._text_model = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles (Ray workers, spawned loader workers) carry the config, not loaded CLIP weights."""
+        return {**self.__dict__, "_tokenizer": None, "_text_model": None}
+
+    # --- text side (lazy: loader workers need only the tokenizer, the model side only the encoder) ------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import CLIPTokenizer
+
+            path = self.cfg.tokenizer or self.cfg.text_encoder
+            try:
+                self._tokenizer = CLIPTokenizer.from_pretrained(path)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"cannot load a CLIP tokenizer from {path!r}: {_first_line(err)}") from None
+        return self._tokenizer
+
+    def text_model(self, device: torch.device) -> torch.nn.Module:
+        """The frozen CLIP text model on ``device`` (loaded on first use, eval mode, no grad)."""
+        if self._text_model is None:
+            from transformers import CLIPTextModel
+
+            try:
+                model = CLIPTextModel.from_pretrained(self.cfg.text_encoder)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"cannot load a CLIP text model from {self.cfg.text_encoder!r}: {_first_line(err)}") from None
+            self._text_model = model.eval().requires_grad_(False)
+        if self._text_model.device != device:
+            self._text_model.to(device)
+        return self._text_model
+
+    def tokenize(self, sentences: list[str]) -> torch.Tensor:
+        """``[N, max_tokens]`` CLIP ids, padded / truncated like the reference's ``FrozenCLIPEmbedder``."""
+        out = self.tokenizer(sentences, max_length=self.cfg.max_tokens, padding="max_length", truncation=True,
+                             return_tensors="pt")  # fmt: skip
+        return out.input_ids
+
+    # --- model side -------------------------------------------------------------------------
+    @property
+    def uses_attention_maps(self) -> bool:
+        return True
+
+    def context_tokens(self) -> int:
+        return self.cfg.max_tokens
+
+    def build_head(self, backbone: Any) -> torch.nn.Module:
+        from vpd_ray.model.heads.refer import ReferDecoder
+
+        width = self.text_model(torch.device("cpu")).config.hidden_size
+        if width != backbone.text_dim:
+            raise ValueError(
+                f"CLIP text model {self.cfg.text_encoder!r} is {width}-d but the backbone's context is "
+                f"{backbone.text_dim}-d (SD v1 needs CLIP ViT-L/14, 768-d)"
+            )
+        return ReferDecoder(backbone.feature_info(self.context_tokens()), hidden=self.cfg.decoder_hidden or None)
+
+    @torch.no_grad()
+    def context(self, backbone: Any, batch: Batch) -> torch.Tensor:
+        """CLIP ``last_hidden_state`` of ``batch["input_ids"]`` ``[B, T]`` -> ``[B, T, D]`` in the backbone's dtype."""
+        ids = batch["input_ids"]
+        hidden = self.text_model(ids.device)(input_ids=ids).last_hidden_state
+        return hidden.to(next(backbone.text_adapter.parameters()).dtype)
+
+    def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        weight = torch.tensor(self.cfg.class_weights, dtype=torch.float32, device=outputs.device)
+        return F.cross_entropy(outputs.float(), batch["mask"].long(), weight=weight)
+
+    def predict(self, forward: Callable[[torch.Tensor, Batch], Any], batch: Batch) -> torch.Tensor:
+        """0/1 masks ``[B, S, H, W]``: one forward per sentence slot over the refs that have that sentence."""
+        images, ids, valid = batch["image"], batch["input_ids"], batch["sentence_valid"].bool()  # [B,3,H,W] [B,S,T] [B,S]
+        pred = torch.zeros(ids.shape[:2] + images.shape[-2:], dtype=torch.long, device=images.device)
+        for s in range(ids.shape[1]):
+            rows = valid[:, s]
+            if rows.any():
+                logits = forward(images[rows], {"image": images[rows], "input_ids": ids[rows, s]})
+                pred[rows, s] = logits.argmax(dim=1)
+        return pred
+
+    def metric(self) -> ReferMetric:
+        return ReferMetric()
+
+    # --- data side --------------------------------------------------------------------------
+    def _resized(self, sample: Sample) -> dict[str, torch.Tensor]:
+        from vpd_ray.data.augment.refer import resize_square
+
+        image, mask = resize_square(sample["image"], sample["mask"], self.cfg.image_size)
+        return {"image": image, "mask": mask}
+
+    def train_transform(self, sample: Sample, rng: Any) -> dict[str, Any]:
+        """Image, mask and the ids of one sentence drawn at random ``[T]``."""
+        from vpd_ray.data.augment.refer import pick_sentence
+
+        return {**self._resized(sample), "input_ids": self.tokenize([pick_sentence(sentences_of(sample), rng)])[0]}
+
+    def eval_transform(self, sample: Sample) -> dict[str, Any]:
+        """Image, mask, ids of every sentence in ``max_sentences`` slots ``[S, T]`` and their validity ``[S]``."""
+        sentences = sentences_of(sample)
+        slots = self.cfg.max_sentences
+        if len(sentences) > slots:
+            raise ValueError(
+                f"sample {sample.get('__key__')!r} has {len(sentences)} sentences, more than "
+                f"tasks.refer.max_sentences={slots}"
+            )
+        ids = torch.zeros(slots, self.cfg.max_tokens, dtype=torch.long)
+        ids[: len(sentences)] = self.tokenize(sentences)
+        valid = torch.arange(slots) < len(sentences)
+        return {**self._resized(sample), "input_ids": ids, "sentence_valid": valid}
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
