@@ -4,5 +4,7 @@ Import from here: ``from vpd_ray.metrics import depth_metrics, DepthMetric``.
 """
 
 from vpd_ray.metrics.depth import DEPTH_METRICS, DepthMetric, depth_metrics
+from vpd_ray.metrics.refer import ReferMetric
+from vpd_ray.metrics.seg import SegMetric
 
-__all__ = ["DEPTH_METRICS", "DepthMetric", "depth_metrics"]
+__all__ = ["DEPTH_METRICS", "DepthMetric", "depth_metrics", "ReferMetric", "SegMetric"]
