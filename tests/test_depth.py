@@ -157,6 +157,13 @@ def test_protocol_repeats_per_sample_inputs_and_rejects_wrong_height():
         sliding_window_predict(forward, {"image": torch.rand(1, 3, 5, 6)}, (4, 4), flip=False)
 
 
+def test_config_errors_name_the_value():
+    with pytest.raises(ValueError, match=r"crop_size must be \[height, width\] > 0, got \[480\]"):
+        DepthConfig(crop_size=[480])
+    with pytest.raises(ValueError, match="0 < min_depth < max_depth, got 1.0, 0.5"):
+        DepthConfig(min_depth=1.0, max_depth=0.5)
+
+
 def test_class_id_from_metadata():
     task = DepthTask(DepthConfig())
     assert task._class_id({"meta": {"class_id": 3}}).item() == 3

@@ -26,6 +26,12 @@ class DepthConfig(TaskConfig):
     head_dim: int = 192  # decoder width; neck width is 8x this (VPD: 192 -> 1536)
     flip_test: bool = True  # test protocol: average each window with its horizontally flipped pass
 
+    def __post_init__(self) -> None:
+        if len(self.crop_size) != 2 or min(self.crop_size) <= 0:
+            raise ValueError(f"tasks.depth.crop_size must be [height, width] > 0, got {list(self.crop_size)}")
+        if not 0 < self.min_depth < self.max_depth:
+            raise ValueError(f"tasks.depth needs 0 < min_depth < max_depth, got {self.min_depth}, {self.max_depth}")
+
 
 def silog_loss(pred: torch.Tensor, gt: torch.Tensor, variance_focus: float = 0.5) -> torch.Tensor:
     """``sqrt(mean(d^2) - 0.5 * mean(d)^2)``, ``d = log gt - log pred``, over all pixels with gt > 0."""
