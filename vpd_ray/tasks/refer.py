@@ -22,12 +22,15 @@ from vpd_ray.metrics.refer import ReferMetric
 from vpd_ray.tasks import register_task
 from vpd_ray.tasks.base import Batch, Sample, Task, TaskConfig
 
+TINY = "tiny"
+
 
 @dataclasses.dataclass
 class ReferConfig(TaskConfig):
     """Options under ``tasks.refer``. Defaults are the reference RefCOCO run."""
 
-    # CLIP text model: a transformers folder or hub id (SD v1: "<sd folder>/text_encoder"); required
+    # CLIP text model: a transformers folder or hub id (SD v1: "<sd folder>/text_encoder"), or "tiny"
+    # (seeded random 2-layer CLIP over a character vocabulary, for the tiny backbone); required
     text_encoder: str | None = None
     tokenizer: str | None = None  # CLIP tokenizer folder or hub id; None: same as text_encoder
     max_tokens: int = 40  # context length T: 40 for RefCOCO / RefCOCO+, 77 for G-Ref
@@ -69,25 +72,14 @@ class ReferTask(Task):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import CLIPTokenizer
-
             path = self.cfg.tokenizer or self.cfg.text_encoder
-            try:
-                self._tokenizer = CLIPTokenizer.from_pretrained(path)
-            except (OSError, ValueError) as err:
-                raise ValueError(f"cannot load a CLIP tokenizer from {path!r}: {_first_line(err)}") from None
+            self._tokenizer = tiny_clip_tokenizer() if path == TINY else _load_clip("CLIPTokenizer", path)
         return self._tokenizer
 
     def text_model(self, device: torch.device) -> torch.nn.Module:
-        """The frozen CLIP text model on ``device`` (loaded on first use, eval mode, no grad)."""
+        """The frozen CLIP text model (built by :meth:`build_head`) on ``device``."""
         if self._text_model is None:
-            from transformers import CLIPTextModel
-
-            try:
-                model = CLIPTextModel.from_pretrained(self.cfg.text_encoder)
-            except (OSError, ValueError) as err:
-                raise ValueError(f"cannot load a CLIP text model from {self.cfg.text_encoder!r}: {_first_line(err)}") from None
-            self._text_model = model.eval().requires_grad_(False)
+            raise RuntimeError("the refer task's text model is built by build_head (VPDModel calls it) before use")
         if self._text_model.device != device:
             self._text_model.to(device)
         return self._text_model
@@ -109,7 +101,12 @@ class ReferTask(Task):
     def build_head(self, backbone: Any) -> torch.nn.Module:
         from vpd_ray.model.heads.refer import ReferDecoder
 
-        width = self.text_model(torch.device("cpu")).config.hidden_size
+        if self.cfg.text_encoder == TINY:
+            model = tiny_clip_text_model(backbone.text_dim)
+        else:
+            model = _load_clip("CLIPTextModel", self.cfg.text_encoder)
+        self._text_model = model.eval().requires_grad_(False)
+        width = model.config.hidden_size
         if width != backbone.text_dim:
             raise ValueError(
                 f"CLIP text model {self.cfg.text_encoder!r} is {width}-d but the backbone's context is "
@@ -170,5 +167,46 @@ class ReferTask(Task):
         return {**self._resized(sample), "input_ids": ids, "sentence_valid": valid}
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+def _load_clip(kind: str, path: str) -> Any:
+    """``transformers.<kind>.from_pretrained(path)`` with a one-line error naming the path."""
+    import transformers
+
+    try:
+        return getattr(transformers, kind).from_pretrained(path)
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"cannot load a {kind} from {path!r}: {first}") from None
+
+
+def tiny_clip_tokenizer() -> Any:
+    """A CLIP tokenizer over printable ASCII characters (no merges): every character is a token."""
+    import json
+    import os
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    chars = [chr(c) for c in range(33, 127)]
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as root:
+        vocab, merges = os.path.join(root, "vocab.json"), os.path.join(root, "merges.txt")
+        with open(vocab, "w") as f:
+            json.dump({t: i for i, t in enumerate(tokens)}, f)
+        with open(merges, "w") as f:
+            f.write("#version: 0.2\n")
+        return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def tiny_clip_text_model(width: int) -> torch.nn.Module:
+    """A 2-layer CLIP text model of ``width``, identical in every process (seed 0): it is never saved."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_clip_tokenizer()
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return CLIPTextModel(config)
