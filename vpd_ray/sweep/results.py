@@ -37,7 +37,7 @@ def trial_rows(result_grid: Any, keys: list[str], metric: str, mode: str, max_t:
         state = ERROR if result.error else (STOPPED if iterations < max_t else COMPLETED)
         rows.append({
             "trial_id": metrics.get("trial_id", Path(result.path).name),
-            **{key: result.config.get(key) for key in keys},
+            **{key: (result.config or {}).get(key) for key in keys},  # None: errored before it started
             metric: best_value(history, mode),
             "steps": metrics.get("step"),
             "reports": iterations,
@@ -63,7 +63,7 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+def write_csv(rows: list[dict[str, Any]], path: str) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -79,8 +79,9 @@ def markdown_table(rows: list[dict[str, Any]], metric: str, mode: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_trials(rows: list[dict[str, Any]], metric: str, lr_key: str, crop_key: str | None, path: Path) -> None:
-    """Metric against learning rate (log x), one colour per crop size; a PNG for the sweep report."""
+def plot_trials(rows: list[dict[str, Any]], metric: str, x_key: str, group_key: str | None, path: str,
+                log_x: bool = True) -> None:
+    """Metric against ``x_key`` (the learning rate), one colour per ``group_key`` value (the crop size)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes
@@ -90,14 +91,15 @@ def plot_trials(rows: list[dict[str, Any]], metric: str, lr_key: str, crop_key: 
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if not math.isnan(row[metric]):
-            groups.setdefault(_cell(row.get(crop_key)) if crop_key else "all", []).append(row)
+            groups.setdefault(_cell(row.get(group_key)) if group_key else "all", []).append(row)
     for label, group in sorted(groups.items()):
-        ax.scatter([r[lr_key] for r in group], [r[metric] for r in group], label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel(lr_key)
+        ax.scatter([r[x_key] for r in group], [r[metric] for r in group], label=label)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(x_key)
     ax.set_ylabel(metric)
-    if crop_key:
-        ax.legend(title=crop_key, fontsize="small")
+    if group_key:
+        ax.legend(title=group_key, fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
