@@ -82,3 +82,29 @@ def test_warmup_poly_schedule():
     assert lr_factor(0, 1000, sched, 1.0) == pytest.approx(1e-6)
     assert lr_factor(100, 1000, sched, 1.0) == pytest.approx(0.9)
     assert lr_factor(1000, 1000, sched, 1.0) == pytest.approx(0.0)
+
+
+def test_nan_policy_names_the_step():
+    from vpd_ray.engine.loop import check_nan_policy
+
+    check_nan_policy(2, "skip", 3, step=7, task_name="depth")  # skipped, no error
+    with pytest.raises(FloatingPointError, match="step 7 .task depth.*nan_policy=stop"):
+        check_nan_policy(1, "stop", 3, step=7, task_name="depth")
+    with pytest.raises(FloatingPointError, match="step 9 .*4 batch.es. skipped.*max_nan_skips=3"):
+        check_nan_policy(4, "skip", 3, step=9, task_name="depth")
+
+
+def test_param_groups_split_unet_and_no_decay():
+    from torch import nn
+
+    from vpd_ray.engine.optim import param_groups
+
+    model = nn.ModuleDict({"unet": nn.Linear(4, 4), "head": nn.Sequential(nn.Linear(4, 2), nn.LayerNorm(2)),
+                           "vae": nn.Linear(4, 4)})
+    model["vae"].requires_grad_(False)
+    groups = {g["group_name"]: g for g in param_groups(model.named_parameters(), 1e-3, 0.1, 0.01)}
+    assert set(groups) == {"unet", "unet_no_decay", "other", "other_no_decay"}
+    assert groups["unet"]["lr"] == pytest.approx(1e-5) and groups["unet"]["weight_decay"] == 0.1
+    assert groups["other_no_decay"]["weight_decay"] == 0.0 and len(groups["other_no_decay"]["params"]) == 3
+    frozen = {id(p) for p in model["vae"].parameters()}
+    assert not any(id(p) in frozen for g in groups.values() for p in g["params"])

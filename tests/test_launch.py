@@ -31,7 +31,8 @@ def test_job_submit_sample_training(tmp_path):
     }
     env.pop("RAY_ADDRESS", None)
     overrides = [f"run.storage_path={tmp_path}/runs", "run.name=job", "train.max_steps=4", "train.val_every=4",
-                 "train.log_every=2"]
+                 "train.log_every=2",
+                 "train.max_val_batches=1"]
     proc = subprocess.run(["launchers/local.sh", "configs/sample.yaml", *overrides], env=env, capture_output=True,
                           text=True, timeout=600)
     print(proc.stdout[-3000:])

@@ -39,11 +39,15 @@ def ray_cluster():
     (``ray.init()`` with no address would leave Ray Train's placement-group cleaner to guess the
     cluster, and with other Ray instances on the machine it can pick one and kill our workers.)
     """
+    import secrets
+
     import ray
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
 
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    env = {**os.environ, "RAY_ADDRESS": address, "RAY_USAGE_STATS_ENABLED": "0"}
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**os.environ, **auth, "RAY_ADDRESS": address, "RAY_USAGE_STATS_ENABLED": "0"}
     temp_dir = tempfile.mkdtemp(prefix="vpdray")
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     head = subprocess.Popen(
@@ -52,7 +56,8 @@ def ray_cluster():
          f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    os.environ["RAY_ADDRESS"] = address
+    os.environ.update({**auth, "RAY_ADDRESS": address})
+    _enable_token_auth()  # re-reads RAY_AUTH_MODE in case Ray was imported before this fixture
     try:
         for _ in range(60):
             try:
@@ -65,7 +70,8 @@ def ray_cluster():
         ray.shutdown()
         head.terminate()
         head.wait(timeout=120)
-        os.environ.pop("RAY_ADDRESS", None)
+        for key in (*auth, "RAY_ADDRESS"):
+            os.environ.pop(key, None)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -127,9 +133,10 @@ def test_fault_resumes_from_latest_checkpoint(sample_run):
     assert len(result.best_checkpoints) <= 2  # train.checkpoint.keep (Ray deletes the others' dirs lazily)
 
 
-def test_package_reproduces_run_metrics(sample_run):
-    """fp32 package (consolidated ZeRO-2 shards + frozen VAE/class embeddings) ~ the bf16 run's RMSE."""
-    cfg, result, run_dir = sample_run
+@pytest.fixture(scope="module")
+def package_metrics(sample_run):
+    """Validation metrics of the exported package, single process, fp32."""
+    cfg, _, run_dir = sample_run
     model, package_cfg = load_package(os.path.join(run_dir, "package"))
     assert package_cfg.deepspeed.zero_stage == 2
     task = model.tasks["depth"]
@@ -138,9 +145,13 @@ def test_package_reproduces_run_metrics(sample_run):
         return model.forward_images("depth", images, batch)
 
     with torch.no_grad():
-        metrics = evaluate_task(task, forward, _val_stream(cfg, task), torch.device("cpu"))
-    best = min(m["depth/rmse"] for _, m in result.best_checkpoints)
-    assert metrics["depth/rmse"] == pytest.approx(best, rel=0.05)
+        return evaluate_task(task, forward, _val_stream(cfg, task), torch.device("cpu"))
+
+
+def test_package_reproduces_run_metrics(sample_run, package_metrics):
+    """fp32 package (consolidated ZeRO-2 shards + frozen VAE/class embeddings) ~ the bf16 run's RMSE."""
+    best = min(m["depth/rmse"] for _, m in sample_run[1].best_checkpoints)
+    assert package_metrics["depth/rmse"] == pytest.approx(best, rel=0.05)
 
 
 def test_export_cli_from_run_dir(sample_run, tmp_path):
@@ -156,26 +167,23 @@ def test_export_cli_from_run_dir(sample_run, tmp_path):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_distributed_evaluate_matches_single_process(sample_run):
+def test_distributed_evaluate_matches_single_process(sample_run, package_metrics):
     from vpd_ray.evaluate import evaluate, seed_rows
 
     cfg, _, run_dir = sample_run
-    package = os.path.join(run_dir, "package")
-    model, _ = load_package(package)
-    task = model.tasks["depth"]
-    with torch.no_grad():
-        single = evaluate_task(task, lambda i, b: model.forward_images("depth", i, b), _val_stream(cfg, task),
-                               torch.device("cpu"))
-    distributed = evaluate(cfg, package)  # 2 workers, test_shards = the val shards in the sample config
-    assert distributed["depth/rmse"] == pytest.approx(single["depth/rmse"], rel=1e-5)
+    cfg = cfg.copy()
+    cfg.data.num_workers = 0  # no loader processes to spawn for 32 images per worker
+    distributed = evaluate(cfg, os.path.join(run_dir, "package"))  # 2 workers; test_shards = the val shard
+    for key in ("depth/rmse", "depth/d1", "depth/abs_rel"):
+        assert distributed[key] == pytest.approx(package_metrics[key], rel=1e-5)
+    assert seed_rows(distributed)[0].startswith("depth: RMSE")
     assert seed_rows(distributed)[0].startswith("depth: RMSE")
 
 
 def _stage_losses(loop_config):
     """Ray worker: 3 optimizer steps at ZeRO 0, 2 and 3 from the same init and the same batches."""
-    import ray.train
-
     from vpd_ray.config import from_container
+    from vpd_ray.engine.evaluation import report_metrics
     from vpd_ray.engine.loop import Trainer
 
     losses = {}
@@ -184,8 +192,8 @@ def _stage_losses(loop_config):
         cfg.deepspeed.zero_stage = stage
         trainer = Trainer(cfg, loop_config)
         iters = {name: iter(stream) for name, stream in trainer._streams().items()}
-        losses[f"zero{stage}"] = [trainer.train_step(step, iters) for step in range(3)]
-    ray.train.report({k: list(v) for k, v in losses.items()})
+        losses[f"zero{stage}"] = [trainer.train_step(step, iters) for step in range(3)]  # 3: two updates seen
+    report_metrics(losses)
 
 
 def test_zero_stages_give_the_same_loss(ray_cluster, tmp_path):
@@ -193,6 +201,9 @@ def test_zero_stages_give_the_same_loss(ray_cluster, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     cfg = load("configs/sample.yaml", [f"run.storage_path={tmp_path}", "data.num_workers=0", "train.lr=1e-3"])
     trainer = TorchTrainer(_stage_losses, train_loop_config={"config": OmegaConf.to_container(cfg)},
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
@@ -201,4 +212,4 @@ def test_zero_stages_give_the_same_loss(ray_cluster, tmp_path):
     metrics = trainer.fit().metrics
     print("\nlosses per ZeRO stage:", {k: np.round(metrics[k], 4).tolist() for k in ("zero0", "zero2", "zero3")})
     for stage in ("zero2", "zero3"):
-        np.testing.assert_allclose(metrics[stage], metrics["zero0"], rtol=2e-2)
+        np.testing.assert_allclose(metrics[stage], metrics["zero0"], rtol=1e-2)  # bf16 epsilon 2**-7

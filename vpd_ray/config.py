@@ -109,7 +109,7 @@ class DataConfig:
 @dataclasses.dataclass
 class RunConfig:
     name: str = "vpd"
-    storage_path: str = "~/vpd_runs"  # made absolute; the run lives in <storage_path>/<name>
+    storage_path: str = "~/vpd_runs"  # local (made absolute) or a cloud URI; the run is <storage_path>/<name>
     seed: int = 0
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
     export: bool = True  # write a model package to <storage_path>/<name>/package at the end
@@ -171,7 +171,8 @@ def compose(path: Optional[str] = None, overrides: List[str] = (), base: Optiona
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
     _type_tasks(cfg)
-    cfg.run.storage_path = os.path.abspath(os.path.expanduser(cfg.run.storage_path))
+    if _is_local(cfg.run.storage_path):
+        cfg.run.storage_path = os.path.abspath(os.path.expanduser(cfg.run.storage_path))
     for task in cfg.tasks.values():
         for key in SHARD_KEYS:
             if task[key] is not None:
@@ -203,7 +204,16 @@ def expand_urls(spec: str) -> list[str]:
 
 
 def _is_local(url: str) -> bool:
+    """A path on this machine's filesystem (not s3://, gs://, pipe:...)."""
     return "://" not in url and not url.startswith("pipe:")
+
+
+def local_run_dir(cfg: DictConfig) -> str:
+    """Where this machine writes run-side files (TensorBoard, events.log, the package): the run
+    directory itself when the storage is local, else ``~/vpd_runs/<name>`` on the node."""
+    if _is_local(cfg.run.storage_path):
+        return os.path.join(cfg.run.storage_path, cfg.run.name)
+    return os.path.join(os.path.expanduser("~/vpd_runs"), cfg.run.name)
 
 
 def _check_shards(key: str, spec: Optional[str]) -> None:

@@ -52,7 +52,7 @@ def eval_loop(loop_config: dict[str, Any]) -> None:
 
     from vpd_ray.config import from_container
     from vpd_ray.data.pipeline import build_stream
-    from vpd_ray.engine.evaluation import evaluate_task
+    from vpd_ray.engine.evaluation import evaluate_task, report_metrics
 
     cfg = from_container(loop_config["config"])
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
@@ -69,7 +69,7 @@ def eval_loop(loop_config: dict[str, Any]) -> None:
 
         with torch.no_grad():
             metrics.update(evaluate_task(task, forward, stream, device))
-    ray.train.report(metrics)
+    report_metrics(metrics)
 
 
 def evaluate(cfg: DictConfig, checkpoint: str) -> dict[str, float]:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     parser.add_argument("--checkpoint", required=True, help="package, checkpoint/run dir, or the authors' .pth")
     parser.add_argument("--out", default=None, help="JSON file to write (default: <checkpoint>.eval.json)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after --checkpoint
     cfg = load_or_exit(args.config, args.overrides, need=("test_shards",))
     if not os.path.exists(args.checkpoint):
         print(f"config error: --checkpoint: path not found: {args.checkpoint}", file=sys.stderr)

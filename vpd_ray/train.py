@@ -1,7 +1,7 @@
 """``python -m vpd_ray.train CONFIG [key=value ...]``: the product's main job.
 
 Validates the config (one line, exit 2, before any worker starts), prints and saves it in the run
-directory ``<run.storage_path>/<run.name>``, runs a Ray Train ``TorchTrainer`` over
+directory ``<run.storage_path>/<run.name>`` (a local one if the storage is remote), runs a Ray Train ``TorchTrainer`` over
 :func:`vpd_ray.engine.loop.train_loop`, and writes a model package of the best checkpoint to
 ``<run dir>/package``. Re-running with the same ``run.name`` and ``run.storage_path`` resumes
 from the run's latest checkpoint (Ray Train v2 has no ``resume_from_checkpoint``).
@@ -19,10 +19,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 FAIL_ENV = "VPD_FAIL_ONCE_AT_STEP"
-
-
-def run_dir(cfg: DictConfig) -> str:
-    return os.path.join(cfg.run.storage_path, cfg.run.name)
 
 
 def build_trainer(cfg: DictConfig, loop_extra: dict[str, Any] | None = None):
@@ -73,10 +69,11 @@ def fit(cfg: DictConfig) -> Any:
     """Train (or resume) the run of a validated config; returns the Ray Train ``Result``."""
     import ray
 
-    from vpd_ray.config import to_yaml
+    from vpd_ray.config import local_run_dir, to_yaml
 
-    os.makedirs(run_dir(cfg), exist_ok=True)
-    with open(os.path.join(run_dir(cfg), "config.yaml"), "w") as f:
+    run_dir = local_run_dir(cfg)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(to_yaml(cfg))
     extra = {}
     if os.environ.get(FAIL_ENV):
@@ -89,7 +86,7 @@ def fit(cfg: DictConfig) -> Any:
 
         checkpoint = best_checkpoint(result, cfg)
         with checkpoint.as_directory() as directory:  # a local copy if the storage is remote
-            out = export_checkpoint(directory, os.path.join(run_dir(cfg), "package"))
+            out = export_checkpoint(directory, os.path.join(run_dir, "package"))
         print(f"[vpd] model package: {out} (from {checkpoint.path})", flush=True)
     return result
 

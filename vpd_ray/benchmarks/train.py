@@ -50,9 +50,8 @@ def bare_seconds_per_step(cfg: Any, steps: int, warmup: int) -> float:
 
 def _ray_worker(loop_config: dict[str, Any]) -> None:
     """Ray worker: the trainer's own ``train_step`` over the same batches."""
-    import ray.train
-
     from vpd_ray.config import from_container
+    from vpd_ray.engine.evaluation import report_metrics
     from vpd_ray.engine.loop import Trainer
 
     cfg = from_container(loop_config["config"])
@@ -65,7 +64,7 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     start = time.perf_counter()
     for step in range(warmup, warmup + steps):
         trainer.train_step(step, {name: batches})
-    ray.train.report({"seconds_per_step": (time.perf_counter() - start) / steps})
+    report_metrics({"seconds_per_step": (time.perf_counter() - start) / steps})
 
 
 def ray_seconds_per_step(cfg: Any, steps: int, warmup: int) -> float:

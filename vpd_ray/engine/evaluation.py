@@ -73,3 +73,21 @@ def evaluate_task(
     state = metric.state()
     metric.load_state(all_reduce_sum(state.to(device)).cpu())
     return {f"{task.name}/{k}": float(v) for k, v in metric.compute().items()}
+
+
+def report_metrics(metrics: dict[str, Any]) -> None:
+    """``ray.train.report`` that reaches ``Result.metrics``: Ray Train v2 keeps only metrics that come
+    with a checkpoint, so rank 0 attaches a small one holding ``metrics.json``."""
+    import json
+    import os
+    import tempfile
+
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="vpd_metrics_") as directory:
+        with open(os.path.join(directory, "metrics.json"), "w") as f:
+            json.dump(metrics, f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -62,6 +62,15 @@ def _all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return value
 
 
+def check_nan_policy(skips: int, policy: str, max_skips: int, step: int, task_name: str) -> None:
+    """After the ``skips``-th non-finite loss: return to skip the batch, or stop naming the step."""
+    if policy == "stop" or skips > max_skips:
+        raise FloatingPointError(
+            f"non-finite loss at step {step} (task {task_name}); nan_policy={policy}, "
+            f"{skips} batch(es) skipped so far, max_nan_skips={max_skips}"
+        )
+
+
 @dataclasses.dataclass
 class RunState:
     """What a checkpoint restores besides DeepSpeed's state."""
@@ -79,7 +88,7 @@ class Trainer:
         import ray.train
         import ray.train.torch
 
-        from vpd_ray.config import grad_accum_steps, to_yaml
+        from vpd_ray.config import grad_accum_steps, local_run_dir, to_yaml
         from vpd_ray.package import architecture, build_model
 
         self.cfg, self.extra = cfg, loop_config
@@ -105,7 +114,7 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
         self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
         self.state = RunState(epochs={name: 0 for name in cfg.tasks})
-        self.run_dir = os.path.join(cfg.run.storage_path, cfg.run.name)
+        self.run_dir = local_run_dir(cfg)
         self.writer = None
 
     # --- pieces -----------------------------------------------------------------------------
@@ -147,12 +156,7 @@ class Trainer:
         if not bad.item():
             return False
         self.state.nan_skips += 1
-        t = self.cfg.train
-        if t.nan_policy == "stop" or self.state.nan_skips > t.max_nan_skips:
-            raise FloatingPointError(
-                f"non-finite loss at step {step} (task {task_name}); nan_policy={t.nan_policy}, "
-                f"{self.state.nan_skips} batch(es) skipped so far, max_nan_skips={t.max_nan_skips}"
-            )
+        check_nan_policy(self.state.nan_skips, self.cfg.train.nan_policy, self.cfg.train.max_nan_skips, step, task_name)
         if self.rank == 0:
             print(f"[vpd] step {step}: non-finite loss (task {task_name}), batch skipped ({self.state.nan_skips})")
         return True
@@ -181,7 +185,7 @@ class Trainer:
         for name, task in self.tasks.items():
             stream = build_stream(task.cfg.val_shards, task.eval_transform, train=False,
                                   batch_size=task.cfg.eval_batch_size, fields=task.fields,
-                                  num_workers=min(1, self.cfg.data.num_workers), max_corrupt=self.cfg.data.max_corrupt)
+                                  num_workers=self.cfg.data.num_workers, max_corrupt=self.cfg.data.max_corrupt)
 
             def forward(images: torch.Tensor, batch: dict[str, Any], name: str = name) -> Any:
                 return _float_outputs(self.forward(name, {**batch, "image": images}))
