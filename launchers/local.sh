@@ -42,6 +42,7 @@ job_id="vpd-$(date +%Y%m%d-%H%M%S)-$$"
 ray job submit --address "$address" --submission-id "$job_id" --working-dir . \
   --runtime-env-json "$runtime_env" --no-wait -- "${entrypoint[@]}" "$@"
 ray job logs --address "$address" --follow "$job_id" || true
-status="$(ray job status --address "$address" "$job_id" 2>&1 | tail -n 1)"
-echo "$status"
-[[ "$status" == *SUCCEEDED* ]]
+status="$(python -c 'import sys; from ray.job_submission import JobSubmissionClient as C
+print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)' "$address" "$job_id")"
+echo "job $job_id: $status"
+[[ "$status" == SUCCEEDED ]]

@@ -2,9 +2,11 @@
 training through launchers/local.sh, SUCCEEDED, a model package on disk, the head stopped."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -20,21 +22,26 @@ def _free_port() -> int:
 def test_job_submit_sample_training(tmp_path):
     home = tmp_path / "home"  # its own ~/.ray/auth_token
     home.mkdir()
+    temp_dir = tempfile.mkdtemp(prefix="vpdjob")  # short: Ray's socket paths must stay under 107 bytes
     env = {
         **os.environ,
         "HOME": str(home),
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
         "VPD_RAY_PORT": str(_free_port()),
         "VPD_DASHBOARD_PORT": str(_free_port()),
-        "VPD_RAY_START_ARGS": f"--dashboard-agent-listen-port={_free_port()} --temp-dir={tmp_path}/ray",
+        "VPD_RAY_START_ARGS": f"--dashboard-agent-listen-port={_free_port()} --temp-dir={temp_dir}",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)  # the launcher's own token from HOME/.ray/auth_token
     overrides = [f"run.storage_path={tmp_path}/runs", "run.name=job", "train.max_steps=4", "train.val_every=4",
                  "train.log_every=2",
                  "train.max_val_batches=1"]
-    proc = subprocess.run(["launchers/local.sh", "configs/sample.yaml", *overrides], env=env, capture_output=True,
-                          text=True, timeout=600)
+    try:
+        proc = subprocess.run(["launchers/local.sh", "configs/sample.yaml", *overrides], env=env,
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
     print(proc.stdout[-3000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "SUCCEEDED" in proc.stdout
