@@ -89,3 +89,27 @@ def test_pick_sentence_draws_each_sentence():
     assert {pick_sentence(["a", "b", "c"], rng) for _ in range(50)} == {"a", "b", "c"}
     with pytest.raises(ValueError):
         pick_sentence([], rng)
+
+
+# --- learning on the synthetic sample shards (real model, data and protocol; see tests/learning_loop.py) ---
+REFER_TINY = dict(text_encoder="tiny", max_tokens=32, image_size=64, decoder_hidden=32,
+                  class_weights=[0.2, 1.8])  # targets cover ~3% of a sample image  # fmt: skip
+
+
+@pytest.mark.slow
+def test_refer_learns_above_empty_and_whole_image_baselines():
+    from learning_loop import build, evaluate, train
+
+    from vpd_ray.tasks.refer import ReferConfig, ReferTask
+
+    model = build({"refer": ReferTask(ReferConfig(**REFER_TINY))})
+    losses = train(model, 250, lr=2e-3)
+    assert np.mean(losses[-20:]) < 0.8 * np.mean(losses[:20])
+    oiou = evaluate(model, "refer")["oIoU"]
+    def constant(value: int):
+        return lambda b: torch.full((*b["input_ids"].shape[:2], *b["mask"].shape[-2:]), value)  # [B, S, H, W]
+
+    empty, whole = (evaluate(model, "refer", predict=constant(v))["oIoU"] for v in (0, 1))
+    print(f"\nrefer oIoU {oiou:.3f} vs empty-mask {empty:.3f} and whole-image {whole:.3f} baselines")
+    assert empty == 0.0
+    assert oiou > 2 * whole, f"refer oIoU {oiou:.3f} vs whole-image baseline {whole:.3f}"

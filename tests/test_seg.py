@@ -136,3 +136,39 @@ def test_train_augment_pads_small_crops_with_ignore():
     assert img.shape == (3, 64, 64) and lab.shape == (64, 64)
     assert (lab[32:] == 255).all() and (img[:, 32:] == 0.5).all()
     assert set(lab[:32, :48].unique().tolist()) <= {0, 1, 2}
+
+
+# --- learning on the synthetic sample shards (real model, data and protocol; see tests/learning_loop.py) ---
+SEG_TINY = dict(num_classes=6, class_set="synth_seg", scale=[256, 64], crop_size=64, neck_channels=32, head_channels=16)
+SEG_STEPS = 100
+
+
+def best_constant_miou(model) -> float:
+    """The majority-class baseline: the best mIoU of predicting one class everywhere."""
+    from learning_loop import evaluate
+
+    return max(
+        evaluate(model, "seg", predict=lambda b, k=k: torch.full_like(b["label"], k))["mIoU"]
+        for k in range(model.tasks["seg"].cfg.num_classes)
+    )
+
+
+def assert_seg_learned(model) -> float:
+    from learning_loop import evaluate
+
+    miou, baseline = evaluate(model, "seg")["mIoU"], best_constant_miou(model)
+    print(f"\nseg mIoU {miou:.3f} vs majority-class baseline {baseline:.3f}")
+    assert miou > 2 * baseline and miou > baseline + 0.1, f"seg mIoU {miou:.3f} vs majority baseline {baseline:.3f}"
+    return miou
+
+
+@pytest.mark.slow
+def test_seg_learns_above_majority_class_baseline():
+    from learning_loop import build, train
+
+    from vpd_ray.tasks.seg import SegConfig, SegTask
+
+    model = build({"seg": SegTask(SegConfig(**SEG_TINY))})
+    losses = train(model, SEG_STEPS, lr=1e-3)
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+    assert_seg_learned(model)

@@ -1,0 +1,101 @@
+"""Test helper: short single-process training and evaluation on the synthetic sample shards.
+
+The real model and data path (``VPDModel``, ``build_stream`` over ``shards/sample``, each task's
+transforms, loss, test protocol and metric via ``evaluate_task``, the trainer's ``param_groups``),
+without Ray and DeepSpeed, whose start-up would cost more than the learning itself on a 2-core CI
+machine; the Ray Train path has its own end-to-end tests (``tests/test_train.py``).
+
+A multitask step sums each task's weighted loss over one batch per task: the backbone runs once per
+task batch, with that task's context. Runs on one intra-op thread: for the tiny model a second
+thread costs 3x the CPU time and is slower on a shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SAMPLE = Path(__file__).resolve().parent.parent / "shards" / "sample"
+
+
+@contextlib.contextmanager
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def sample_urls(kind: str, split: str) -> str:
+    return str(SAMPLE / f"{kind}-{split}-000000.tar") if split == "val" else str(SAMPLE / f"{kind}-train-{{000000..000001}}.tar")
+
+
+def build(tasks: dict[str, Any], seed: int = 0):
+    """A ``VPDModel`` on the tiny backbone with ``tasks`` (name -> Task)."""
+    from vpd_ray.model.backbone import BackboneConfig, VPDBackbone
+    from vpd_ray.model.vpd import VPDModel
+
+    torch.manual_seed(seed)
+    return VPDModel(VPDBackbone.from_config(BackboneConfig(source="tiny", seed=seed)), tasks)
+
+
+def train(model, steps: int, lr: float, batch_size: int = 4, unet_lr_mult: float = 0.1, seed: int = 0) -> list[float]:
+    """``steps`` AdamW steps over every task of ``model``; returns the summed loss per step."""
+    from vpd_ray.data.pipeline import build_stream
+    from vpd_ray.engine.optim import param_groups
+
+    iters = {
+        name: iter(build_stream(sample_urls(name, "train"), task.train_transform, train=True, batch_size=batch_size,
+                                seed=seed, fields=task.fields, num_workers=0, shuffle_buffer=64))
+        for name, task in model.tasks.items()
+    }  # fmt: skip
+    optimizer = torch.optim.AdamW(param_groups(model.named_parameters(), lr, 0.01, unet_lr_mult), lr=lr)
+    model.train()
+    losses = []
+    with one_thread():
+        for _ in range(steps):
+            losses.append(_step(model, iters, optimizer))
+    return losses
+
+
+def _step(model, iters: dict[str, Any], optimizer) -> float:
+    loss = 0.0
+    for name, task in model.tasks.items():
+        batch = next(iters[name])
+        loss = loss + task.loss(model(name, batch), batch) * task.cfg.loss_weight
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss)
+
+
+@torch.no_grad()
+def evaluate(model, name: str, max_batches: int = 4, batch_size: int = 8, predict=None) -> dict[str, float]:
+    """The task's test protocol + metric on the first ``max_batches`` validation batches (unprefixed keys).
+
+    ``predict(batch)`` replaces the model's prediction (for baselines).
+    """
+    from vpd_ray.data.pipeline import build_stream
+    from vpd_ray.engine.evaluation import evaluate_task
+
+    task = model.tasks[name]
+    model.eval()
+    stream = build_stream(sample_urls(name, "val"), task.eval_transform, train=False, batch_size=batch_size,
+                          fields=task.fields, num_workers=0)  # fmt: skip
+    if predict is None:
+        with one_thread():
+            metrics = evaluate_task(task, partial(model.forward_images, name), stream, torch.device("cpu"), max_batches)
+    else:
+        metric = task.metric()
+        for i, batch in enumerate(stream):
+            if i >= max_batches:
+                break
+            metric.update(predict(batch), batch)
+        metrics = {f"{name}/{k}": v for k, v in metric.compute().items()}
+    return {k.split("/", 1)[1]: v for k, v in metrics.items()}
