@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from vpd_ray.metrics.refer import ReferMetric
+from vpd_ray.metrics.refer import PRECISION_THRESHOLDS, ReferMetric
 from vpd_ray.tasks import register_task
 from vpd_ray.tasks.base import Batch, Sample, Task, TaskConfig
 
@@ -55,6 +55,8 @@ class ReferTask(Task):
     primary_metric = "oIoU"
     metric_mode = "max"
     fields = ("jpg", "png", "mask.png", "json")
+    # The paper's table columns for this task: (metric key, column label), for `python -m vpd_ray.evaluate`.
+    paper_row = tuple((f"P@{t:.1f}", f"P@{t:.1f}") for t in PRECISION_THRESHOLDS) + (("oIoU", "oIoU"), ("mIoU", "mIoU"))
     cfg: ReferConfig
 
     def __init__(self, cfg: ReferConfig):

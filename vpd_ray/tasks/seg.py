@@ -116,6 +116,8 @@ class SegTask(Task):
     primary_metric = "mIoU"
     metric_mode = "max"
     fields = ("jpg", "png", "label.png", "json")
+    # The paper's table columns for this task: (metric key, column label), for `python -m vpd_ray.evaluate`.
+    paper_row = (("mIoU", "mIoU"), ("aAcc", "aAcc"))
     cfg: SegConfig
 
     # --- model side -------------------------------------------------------------------------
