@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+# (metric key, column) of the seed table; a task class may name its own as ``paper_row``.
 SEED_ROW = (("rmse", "RMSE"), ("d1", "d1"), ("d2", "d2"), ("d3", "d3"), ("abs_rel", "REL"), ("log10", "log10"))
 
 
@@ -93,9 +94,12 @@ def evaluate(cfg: DictConfig, checkpoint: str) -> dict[str, float]:
 
 def seed_rows(metrics: dict[str, float]) -> list[str]:
     """One line per task: the seed table's columns that the task reports."""
+    from vpd_ray.tasks import get_task
+
     rows = []
     for task in sorted({key.split("/")[0] for key in metrics}):
-        cells = [(label, metrics[f"{task}/{key}"]) for key, label in SEED_ROW if f"{task}/{key}" in metrics]
+        columns = getattr(get_task(task), "paper_row", SEED_ROW)
+        cells = [(label, metrics[f"{task}/{key}"]) for key, label in columns if f"{task}/{key}" in metrics]
         if cells:
             rows.append(f"{task}: " + "  ".join(f"{label} {value:.4f}" for label, value in cells))
     return rows
