@@ -206,3 +206,45 @@ def test_ray_inference_reads_shards_through_the_whitelist(ray_cluster, depth_pac
     assert summary.failed == 0 and summary.written == summary.images == 64
     written = sorted(p.stem for p in tmp_path.glob("*.png"))
     assert written[0] == "synth_depth_s1_0000000" and len(written) == 64
+
+
+# --- model outputs -> maps ----------------------------------------------------------------------
+def test_to_map_regression_scores_and_labels():
+    from vpd_ray.inference.predictor import to_map
+
+    depth = to_map(torch.full((1, 4, 4), 2.5), (8, 6))
+    assert depth.dtype == np.float32 and depth.shape == (8, 6) and np.allclose(depth, 2.5)
+    scores = torch.zeros(3, 4, 4)
+    scores[2, :, :2] = 1.0  # class 2 on the left half, class 0 elsewhere
+    labels = to_map(scores, (4, 4))
+    assert labels.dtype == np.uint8 and labels[:, :2].tolist() == [[2, 2]] * 4 and labels[:, 2:].max() == 0
+    protocol_labels = to_map(torch.tensor([[[0, 1], [1, 0]]]), (4, 4))  # [S=1, h, w] integer ids
+    assert protocol_labels.tolist()[0] == [0, 0, 1, 1]
+
+
+def test_model_inputs_for_sentence_and_scene_tasks():
+    from vpd_ray.inference.predictor import UNKNOWN_CLASS, model_inputs
+
+    class SentenceTask:
+        name = "refer"
+
+        def tokenize(self, sentences):
+            return torch.arange(3).repeat(len(sentences), 1)  # [N, T=3]
+
+    pixels = torch.zeros(2, 3, 8, 8)
+    batch = model_inputs(SentenceTask(), pixels, ["a", "b"], protocol=True)
+    assert batch["input_ids"].shape == (2, 1, 3) and batch["sentence_valid"].all()
+    with pytest.raises(ValueError, match="JSONL"):
+        model_inputs(SentenceTask(), pixels, [None, None], protocol=False)
+    scene = model_inputs(object(), pixels, [None, None], protocol=False)
+    assert scene["class_id"].tolist() == [UNKNOWN_CLASS] * 2  # the mean class embedding
+
+
+def test_cli_rejects_a_task_the_package_lacks(depth_package, tmp_path, capsys):
+    from vpd_ray.infer import main
+
+    _save_rgb(tmp_path / "in" / "a.jpg")
+    code = main(["--model", depth_package, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"),
+                 "--task", "seg"])
+    assert code == 2 and "the package holds tasks depth" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]) == 2

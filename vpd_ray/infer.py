@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vpd_ray.inference.runner import InferOptions, run_inference
+from vpd_ray.inference.runner import InferOptions, resolve_task, run_inference
+from vpd_ray.inference.sources import resolve_input
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[InferOptions, argparse.Namespace]:
@@ -43,14 +44,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[InferOptions, argparse.Na
 
 def main(argv: list[str] | None = None) -> int:
     opts, args = parse_args(argv)
+    try:  # a wrong --model/--task/--input is one line before any Ray process starts
+        resolve_task(opts.model, opts.task)
+        resolve_input(opts.input)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"infer: {err}", file=sys.stderr)
+        return 2
     import ray
 
     ray.init(address=args.ray_address, num_cpus=args.num_cpus, include_dashboard=False)
     try:
         summary = run_inference(opts)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"infer: {err}", file=sys.stderr)
-        return 2
     finally:
         ray.shutdown()
     print(summary.line(opts.output))

@@ -113,6 +113,7 @@ class Predictor:
         return decode.decode_image(data)
 
     def _write(self, name: str, prediction: np.ndarray) -> None:
+        """A float map is depth-like (16-bit mm PNG, optional preview); integer maps are class ids."""
         path = sources.output_path(self.output_dir, name)
         if prediction.dtype.kind == "f":
             writers.write_depth_png(path, prediction)

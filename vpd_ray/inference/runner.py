@@ -71,7 +71,8 @@ class Progress:
         now = time.perf_counter()
         if now - self.last >= self.every_s:
             self.last = now
-            print(f"infer: {sum(self.counts.values())}/{self.total} done, {self.counts[predictor.FAILED]} failed, "
+            total = self.total or "?"  # shard samples are only counted as they stream
+            print(f"infer: {sum(self.counts.values())}/{total} done, {self.counts[predictor.FAILED]} failed, "
                   f"{self.counts[predictor.WRITTEN] / (now - self.start):.2f} images/s", file=self.stream, flush=True)
 
     def summary(self) -> InferSummary:

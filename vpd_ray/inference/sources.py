@@ -155,9 +155,12 @@ def build_dataset(source: InferenceInput, blocks: int | None = None):
     """
     import ray.data
 
+    # Reads only move bytes (decoding happens in the actors, which hold the CPUs/GPUs), so they take
+    # no CPU slot: on a CPU-only cluster a read holding a CPU that the actor pool waits for deadlocks.
     if source.kind == "files":
-        return ray.data.read_binary_files(source.paths, include_paths=True, override_num_blocks=blocks)
+        return ray.data.read_binary_files(source.paths, include_paths=True, override_num_blocks=blocks, num_cpus=0)
     if source.kind == "pairs":
         return ray.data.from_items(source.pairs, override_num_blocks=blocks)
     # decoder=None: Ray's default webdataset decoder would unpickle .pyd/.pth fields.
-    return ray.data.read_webdataset(source.urls, decoder=None, suffixes=list(SHARD_FIELDS), override_num_blocks=blocks)
+    return ray.data.read_webdataset(source.urls, decoder=None, suffixes=list(SHARD_FIELDS), override_num_blocks=blocks,
+                                    num_cpus=0)
