@@ -37,7 +37,7 @@ class ReferConfig(TaskConfig):
     image_size: int = 512  # images and masks are resized to this square
     decoder_hidden: int = 0  # decoder width; 0: half the coarsest feature's channels (640 for SD)
     class_weights: list[float] = dataclasses.field(default_factory=lambda: [0.9, 1.1])  # CE weights (bg, object)
-    max_sentences: int = 8  # eval: sentence slots per ref (a ref with more is an error naming it)
+    max_sentences: int = 16  # eval: sentence slots per ref (a ref with more is an error naming it)
 
 
 def sentences_of(sample: Sample) -> list[str]:
@@ -65,10 +65,6 @@ class ReferTask(Task):
             raise ValueError("tasks.refer.text_encoder: required (a CLIP text model folder or hub id)")
         self._tokenizer = None
         self._text_model = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickles (Ray workers, spawned loader workers) carry the config, not loaded CLIP weights."""
-        return {**self.__dict__, "_tokenizer": None, "_text_model": None}
 
     # --- text side (lazy: loader workers need only the tokenizer, the model side only the encoder) ------
     @property
