@@ -56,7 +56,7 @@ def trial_overrides(sweep: DictConfig, sampled: dict[str, Any], trial_id: str) -
     return [
         *sweep.overrides,
         *(space.format_override(key, value) for key, value in sampled.items()),
-        f"run.name={trial_id}",
+        space.format_override("run.name", trial_id),  # quoted: "51456_00000" would parse as an int
         f"run.storage_path={os.path.join(sweep.storage_path, sweep.name, TRIALS_DIR)}",
         "run.export=false",  # only the best trial is exported, once, at the end
     ]
@@ -146,7 +146,7 @@ def write_outputs(sweep: DictConfig, base: DictConfig, result_grid: Any) -> dict
     results.plot_trials(rows, metric, x_key, keys[1] if len(keys) > 1 else None, os.path.join(out, "trials.png"),
                         log_x="loguniform" in space.to_plain(sweep.search_space[x_key]))
     best_overrides = [*sweep.overrides, *(space.format_override(k, best[k]) for k in keys),
-                      f"run.name={sweep.name}-best"]
+                      space.format_override("run.name", f"{sweep.name}-best")]
     with open(os.path.join(out, "best.yaml"), "w") as f:
         f.write(f"# best of sweep {sweep.name}: trial {best['trial_id']}, {metric} = {best[metric]:.6g}\n")
         f.write(to_yaml(load(sweep.train_config, best_overrides)))
