@@ -111,12 +111,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_CONFIG = os.path.join(REPO, "configs", "sample.yaml")
 
 
-def export_tiny_package(out_dir, overrides=()):
-    """A model package of the tiny random-weight model of ``configs/sample.yaml`` (no training)."""
+def export_tiny_package(out_dir, config=SAMPLE_CONFIG):
+    """A model package of a sample config's tiny random-weight model (no training needed)."""
     from vpd_ray.config import compose, to_yaml
     from vpd_ray.package import architecture, build_model, export_package
 
-    cfg = compose(SAMPLE_CONFIG, list(overrides))
+    cfg = compose(config)
     torch.manual_seed(0)
     model = build_model(cfg)
     return export_package(model.state_dict(), to_yaml(cfg), architecture(model), str(out_dir))
@@ -248,3 +248,33 @@ def test_cli_rejects_a_task_the_package_lacks(depth_package, tmp_path, capsys):
                  "--task", "seg"])
     assert code == 2 and "the package holds tasks depth" in capsys.readouterr().err
     assert main(["--model", str(tmp_path), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]) == 2
+
+
+@pytest.mark.parametrize("config", ["sample_seg.yaml", "sample_refer.yaml"])
+def test_predictor_writes_label_pngs_equal_to_the_model_argmax(config, tmp_path):
+    """Segmentation and referring outputs (in process: the actor class without Ray)."""
+    from vpd_ray.inference.predictor import Predictor
+    from vpd_ray.package import load_package
+
+    package = export_tiny_package(tmp_path / "pkg", os.path.join(REPO, "configs", config))
+    image = _save_rgb(tmp_path / "in" / "a.jpg", h=64, w=96)
+    jsonl = tmp_path / "in" / "refs.jsonl"
+    jsonl.write_text(json.dumps({"image": "a.jpg", "sentence": "the red circle"}) + "\n")
+    source = sources.resolve_input(str(jsonl if "refer" in config else tmp_path / "in"))
+    rows = source.pairs or [{"path": p, "bytes": open(p, "rb").read()} for p in source.paths]
+    batch = {key: np.array([row[key] for row in rows], dtype=object) for key in rows[0]}
+
+    model, _ = load_package(package)
+    task = next(iter(model.tasks))
+    status = Predictor(package, str(tmp_path / "out"), task, root=source.root)(batch)
+    assert list(status["status"]) == ["written"], status["error"]
+    written = Image.open(tmp_path / "out" / f"{status['name'][0]}.png")
+    assert written.mode == "P"
+
+    pixels = torch.from_numpy(np.array(Image.open(image))).permute(2, 0, 1)[None].float() / 255
+    inputs = {"image": pixels}
+    if task == "refer":
+        inputs["input_ids"] = model.tasks[task].tokenize(["the red circle"])
+    with torch.inference_mode():
+        want = model(task, inputs)[0].argmax(0).numpy()
+    np.testing.assert_array_equal(np.asarray(written), want)
