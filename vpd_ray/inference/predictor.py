@@ -93,7 +93,8 @@ class Predictor:
             self._write(name, prediction)
             statuses.append((source, name, WRITTEN, ""))
         columns = list(zip(*statuses)) if statuses else [(), (), (), ()]
-        return {key: np.array(values, dtype=object) for key, values in zip(("source", "name", "status", "error"), columns)}
+        keys = ("source", "name", "status", "error")
+        return {key: np.array(values, dtype=object) for key, values in zip(keys, columns)}
 
     def _identify(self, row: dict[str, Any]) -> tuple[str, str]:
         """(what to name in the report, output name) of one row."""
@@ -147,7 +148,9 @@ class Predictor:
                 results[i] = output
         return results
 
-    def _forward(self, images: np.ndarray, sentences: list[str | None], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    def _forward(
+        self, images: np.ndarray, sentences: list[str | None], sizes: list[tuple[int, int]]
+    ) -> list[np.ndarray]:
         """One stacked batch ``[B,H,W,3]`` uint8 -> per-image maps resized to ``sizes``."""
         import torch
 
@@ -171,7 +174,8 @@ def model_inputs(task: Any, pixels: Any, sentences: list[str | None], protocol: 
     b = pixels.shape[0]
     if hasattr(task, "tokenize"):
         if any(s is None for s in sentences):
-            raise ValueError(f"task {task.name!r} needs a sentence per image: give --input a JSONL of (image, sentence)")
+            raise ValueError(f"task {task.name!r} needs a sentence per image: "
+                             "give --input a JSONL of (image, sentence) lines")
         ids = task.tokenize(list(sentences)).to(pixels.device)  # [B,T]
         if protocol:
             ids = ids[:, None]

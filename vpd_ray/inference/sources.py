@@ -110,7 +110,8 @@ def _read_pairs(jsonl: str) -> list[dict[str, Any]]:
                 entry = json.loads(line)
                 image, sentence = entry["image"], entry["sentence"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{jsonl}:{index + 1}: expected {{\"image\": ..., \"sentence\": ...}} ({err})") from None
+                expected = '{"image": ..., "sentence": ...}'
+                raise ValueError(f"{jsonl}:{index + 1}: expected {expected} ({err})") from None
             path = os.path.join(base, image)
             name = f"{os.path.splitext(image)[0]}__{entry.get('id', index)}"
             pairs.append({"path": path, "name": name, "sentence": str(sentence)})
