@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = parser.parse_args(argv)
-    cfg = load_or_exit(args.config, ["scaling.num_workers=1", *args.overrides], need=("train_shards",))
+    # One worker, no accumulation: one micro-batch per step in both loops.
+    fixed = ["scaling.num_workers=1", "train.global_batch_size=null"]
+    cfg = load_or_exit(args.config, [*fixed, *args.overrides], need=("train_shards",))
     torch.set_num_threads(1)  # as a Ray worker with one CPU: the same compute budget for both loops
     bare = bare_seconds_per_step(cfg, args.steps, args.warmup)
     if not ray.is_initialized():
