@@ -43,6 +43,7 @@ def ray_cluster():
 
     import ray
     from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    from ray._raylet import AuthenticationTokenLoader
 
     port = _free_port()
     address = f"127.0.0.1:{port}"
@@ -58,6 +59,8 @@ def ray_cluster():
     )
     os.environ.update({**auth, "RAY_ADDRESS": address})
     _enable_token_auth()  # re-reads RAY_AUTH_MODE in case Ray was imported before this fixture
+    # An earlier in-process ray.init() (other test modules) cached the default token; ours differs.
+    AuthenticationTokenLoader.instance().reset_cache()
     try:
         for _ in range(60):
             try:
@@ -72,6 +75,7 @@ def ray_cluster():
         head.wait(timeout=120)
         for key in (*auth, "RAY_ADDRESS"):
             os.environ.pop(key, None)
+        AuthenticationTokenLoader.instance().reset_cache()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
