@@ -12,7 +12,6 @@ from vpd_ray.model.text import (
     NYU_CLASSES,
     ClipText,
     compute_class_embeddings,
-    encode_sentences,
     load_class_embeddings,
 )
 
@@ -41,13 +40,6 @@ def test_class_embedding_is_mean_pooled_output_over_templates(clip):
         pooled = clip.model(input_ids=tokens.input_ids).pooler_output
     torch.testing.assert_close(vectors[0], pooled.mean(0))
     assert not torch.allclose(vectors[0], vectors[1])
-
-
-def test_encode_sentences_gives_token_states(clip):
-    tokens, mask = encode_sentences(["the man on the left", "a red car"], clip, max_length=40)
-    assert tokens.shape == (2, 40, 32) and mask.shape == (2, 40)
-    assert mask[0].sum() > mask[1].sum() > 0
-    assert encode_sentences(["x"], clip, max_length=77)[0].shape == (1, 77, 32)
 
 
 def test_cli_writes_loadable_file(tmp_path, tiny_clip_dir, capsys):

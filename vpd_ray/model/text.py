@@ -98,11 +98,11 @@ class ClipText:
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], max_length: int) -> Any:
-        """CLIP text outputs for ``texts`` padded/truncated to ``max_length`` tokens, plus the attention mask."""
+        """CLIP text outputs for ``texts`` padded/truncated to ``max_length`` tokens."""
         tokens = self.tokenizer(
             list(texts), max_length=max_length, padding="max_length", truncation=True, return_tensors="pt"
         ).to(self.device)
-        return self.model(input_ids=tokens.input_ids), tokens.attention_mask
+        return self.model(input_ids=tokens.input_ids)
 
 
 def _as_clip(clip: str | ClipText) -> ClipText:
@@ -124,20 +124,9 @@ def compute_class_embeddings(
         names = tqdm(names, desc="class embeddings", unit="class")
     vectors = []
     for name in names:
-        out, _ = clip.encode([t.format(name.replace("_", " ")) for t in templates], CLASS_MAX_LENGTH)
+        out = clip.encode([t.format(name.replace("_", " ")) for t in templates], CLASS_MAX_LENGTH)
         vectors.append(out.pooler_output.float().mean(dim=0))
     return torch.stack(vectors).cpu()
-
-
-def encode_sentences(
-    sentences: Sequence[str], clip: str | ClipText, max_length: int = 40
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Referring expressions -> CLIP ``last_hidden_state`` ``[N, L, D]`` and attention mask ``[N, L]``.
-
-    ``max_length``: 40 for RefCOCO / RefCOCO+, 77 for G-Ref (VPD.md).
-    """
-    out, mask = _as_clip(clip).encode(sentences, max_length)
-    return out.last_hidden_state.float().cpu(), mask.cpu()
 
 
 def save_class_embeddings(path: str, vectors: torch.Tensor, names: Sequence[str]) -> None:
