@@ -45,8 +45,12 @@ def build(tasks: dict[str, Any], seed: int = 0):
     return VPDModel(VPDBackbone.from_config(BackboneConfig(source="tiny", seed=seed)), tasks)
 
 
-def train(model, steps: int, lr: float, batch_size: int = 4, unet_lr_mult: float = 0.1, seed: int = 0) -> list[float]:
-    """``steps`` AdamW steps over every task of ``model``; returns the summed loss per step."""
+def train(model, steps: int, lr: float, batch_size: int = 4, unet_lr_mult: float = 0.1, seed: int = 0,
+          grad_clip: float | None = None) -> list[float]:
+    """``steps`` AdamW steps over every task of ``model``; returns the summed loss per step.
+
+    ``grad_clip``: clip the global gradient norm, as the trainer's ``train.grad_clip`` does.
+    """
     from vpd_ray.data.pipeline import build_stream
     from vpd_ray.engine.optim import param_groups
 
@@ -60,19 +64,21 @@ def train(model, steps: int, lr: float, batch_size: int = 4, unet_lr_mult: float
     losses = []
     with one_thread():
         for _ in range(steps):
-            losses.append(_step(model, iters, optimizer))
+            losses.append(_step(model, iters, optimizer, grad_clip))
     return losses
 
 
-def _step(model, iters: dict[str, Any], optimizer) -> float:
+def _step(model, iters: dict[str, Any], optimizer, grad_clip: float | None) -> float:
     loss = 0.0
     for name, task in model.tasks.items():
         batch = next(iters[name])
         loss = loss + task.loss(model(name, batch), batch) * task.cfg.loss_weight
     optimizer.zero_grad()
     loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 @torch.no_grad()

@@ -67,11 +67,18 @@ def test_seg_labels_follow_the_ade_convention():
     assert seen == set(range(len(synth.SEG_CLASSES)))  # 0 = other, 1..6 all occur
 
 
-def test_refer_masks_and_sentences():
-    for sample in _decoded("refer-val"):
-        mask = sample["mask"]
+def test_refer_samples_pair_two_objects_of_one_scene_named_by_colour():
+    samples = _decoded("refer-val")
+    for sample in samples:
+        mask, sentences = sample["mask"], sample["meta"]["sentences"]
         assert mask.shape == (128, 128) and set(np.unique(mask).tolist()) == {0, 1}
-        assert 1 <= len(sample["meta"]["sentences"]) <= 3
+        assert 2 <= len(sentences) <= 3 and sentences[1].split()[1] in synth.REFER_COLOURS
+        assert set(" ".join(sentences).split()) <= set(synth.SYNTH_REFER_WORDS)
+    for first, second in zip(samples[::2], samples[1::2]):
+        assert first["meta"]["image_id"] == second["meta"]["image_id"]
+        np.testing.assert_array_equal(first["image"], second["image"])
+        assert first["meta"]["ann_id"] != second["meta"]["ann_id"]
+        assert not (first["mask"] & second["mask"]).any()
 
 
 def _matches(phrase: str, objects: list[dict]) -> list[int]:

@@ -12,9 +12,9 @@ real code path:
 - ``seg``: a wall (label 1) over a floor (label 2) split by a random horizon, with circles (3),
   squares (4), triangles (5) and rings (6) of class-typical colours, and unlabelled scribbles (0,
   ADE's "other", ignored in training). Label PNG in the ADE convention.
-- ``refer``: three to five coloured shapes on a plain background; each sample targets one of them
-  with sentences that match it and no other ("the red square on the left", "the green one"),
-  and a 0/1 mask PNG.
+- ``refer``: two or three shapes of different colours on a plain background; samples come in
+  pairs that target two different objects of one scene, with sentences that match the target and
+  no other ("the red square", "the green one", "the leftmost object"), and a 0/1 mask PNG.
 
 Every sample is generated from ``(seed, index)`` alone, so any subset of indices can be written
 by any process, and the same command writes byte-identical shards.
@@ -35,9 +35,12 @@ DEPTH_SCENES = ("bathroom", "bedroom", "kitchen", "living_room", "office")  # na
 SCENE_WALLS = ((0.55, 0.75, 0.85), (0.85, 0.65, 0.70), (0.90, 0.85, 0.55), (0.70, 0.80, 0.60), (0.75, 0.75, 0.75))
 SEG_CLASSES = ("other", "wall", "floor", "circle", "square", "triangle", "ring")  # label value = index
 SEG_COLOURS = {3: (200, 60, 50), 4: (50, 90, 200), 5: (60, 170, 70), 6: (220, 170, 40)}
+# Colours the tiny random VAE keeps apart from each other and from the grey background (white is not).
 REFER_COLOURS = {"red": (210, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 210), "yellow": (230, 200, 30),
-                 "white": (245, 245, 245)}
+                 "magenta": (200, 40, 200)}
 REFER_SHAPES = ("circle", "square", "triangle")
+# Every word the refer sentences use: the tiny CLIP tokenizer (tasks/refer.py) gives each its own token.
+SYNTH_REFER_WORDS = ("the", "one", "on", "object", "left", "right", "leftmost", "rightmost") + tuple(REFER_COLOURS) + REFER_SHAPES
 MAX_DEPTH_MM = 10000
 
 
@@ -182,7 +185,7 @@ def _place(rng: np.random.Generator, hw: tuple[int, int], count: int) -> list[tu
     """``count`` non-overlapping (cy, cx, r), centres at least 12 px apart horizontally."""
     placed: list[tuple[float, float, float]] = []
     while len(placed) < count:
-        r = rng.uniform(0.08, 0.13) * min(hw)
+        r = rng.uniform(0.1, 0.16) * min(hw)
         cy, cx = rng.uniform(r, hw[0] - r), rng.uniform(r, hw[1] - r)
         if all((cy - y) ** 2 + (cx - x) ** 2 > (r + q + 4) ** 2 and abs(cx - x) > 12 for y, x, q in placed):
             placed.append((cy, cx, r))
@@ -215,23 +218,35 @@ def referring_phrases(objects: list[dict], target: int) -> list[str]:
     return phrases
 
 
+def colour_phrases(obj: dict) -> list[str]:
+    """Phrases naming ``obj`` by its colour (unique in a synthetic refer scene)."""
+    return [f"the {obj['colour']} {obj['shape']}", f"the {obj['colour']} one"]
+
+
 def render_refer(seed: int, index: int, hw: tuple[int, int]) -> dict[str, bytes]:
-    """Shapes on a plain background, one targeted: ``jpg``, ``mask.png`` (0/1), ``json`` with sentences."""
-    rng = np.random.default_rng((seed, index))
-    names = list(REFER_COLOURS)
-    objects = [{"cy": cy, "cx": cx, "r": r, "colour": names[int(rng.integers(len(names)))],
-                "shape": REFER_SHAPES[int(rng.integers(len(REFER_SHAPES)))]}
-               for cy, cx, r in _place(rng, hw, int(rng.integers(3, 6)))]
+    """Shapes on a plain background, one targeted: ``jpg``, ``mask.png`` (0/1), ``json`` with sentences.
+
+    Samples come in pairs: ``2k`` and ``2k+1`` show the same scene (``image_id`` k) and target two
+    different objects, so only the sentence tells them apart and a model that ignores the text
+    cannot fit both. Colours are unique within a scene; every sample has the two colour phrases, then
+    one shape or position phrase when there is one.
+    """
+    rng = np.random.default_rng((seed, index // 2))
+    places = _place(rng, hw, int(rng.integers(2, 4)))
+    colours = rng.permutation(list(REFER_COLOURS))[: len(places)]
+    objects = [{"cy": cy, "cx": cx, "r": r, "colour": str(c), "shape": REFER_SHAPES[int(rng.integers(len(REFER_SHAPES)))]}
+               for (cy, cx, r), c in zip(places, colours)]  # fmt: skip
     image = np.full(hw + (3,), 128.0) + rng.normal(0, 10, hw + (3,))
     masks = []
     for obj in objects:
         mask = _shape_mask(obj["shape"], hw, obj["cy"], obj["cx"], obj["r"])
         image[mask] = REFER_COLOURS[obj["colour"]]
         masks.append(mask)
-    candidates = [(i, referring_phrases(objects, i)) for i in range(len(objects))]
-    target, phrases = [c for c in candidates if c[1]][int(rng.integers(sum(1 for c in candidates if c[1])))]
-    sentences = [str(s) for s in rng.permutation(phrases)[:3]]
-    meta = {"source": f"synth-refer/{seed}/{index}", "sentences": sentences, "ref_id": index, "image_id": index,
+    target = int(rng.permutation(len(objects))[index % 2])
+    named = colour_phrases(objects[target])
+    others = [p for p in referring_phrases(objects, target) if p not in named]
+    sentences = named + [str(rng.choice(others))] if others else named
+    meta = {"source": f"synth-refer/{seed}/{index}", "sentences": sentences, "ref_id": index, "image_id": index // 2,
             "ann_id": target, "category": objects[target]["shape"], "seed": seed, "index": index}
     image = np.clip(image, 0, 255).round().astype(np.uint8)
     return {"jpg": encode_jpeg(image), "mask.png": encode_png(masks[target].astype(np.uint8)), "json": _json(meta)}

@@ -30,7 +30,7 @@ class ReferConfig(TaskConfig):
     """Options under ``tasks.refer``. Defaults are the reference RefCOCO run."""
 
     # CLIP text model: a transformers folder or hub id (SD v1: "<sd folder>/text_encoder"), or "tiny"
-    # (seeded random 2-layer CLIP over a character vocabulary, for the tiny backbone); required
+    # (seeded random 2-layer CLIP, one token per word of the synthetic sample, for the tiny backbone); required
     text_encoder: str | None = None
     tokenizer: str | None = None  # CLIP tokenizer folder or hub id; None: same as text_encoder
     max_tokens: int = 40  # context length T: 40 for RefCOCO / RefCOCO+, 77 for G-Ref
@@ -176,27 +176,57 @@ def _load_clip(kind: str, path: str) -> Any:
         raise ValueError(f"cannot load a {kind} from {path!r}: {first}") from None
 
 
+def _bpe(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Apply BPE merges (lowest rank first) to one word's symbols, as ``CLIPTokenizer`` does."""
+    while len(parts) > 1:
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(parts, parts[1:])))
+        if rank == len(ranks):
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+    return parts
+
+
 def tiny_clip_tokenizer() -> Any:
-    """A CLIP tokenizer over printable ASCII characters (no merges): every character is a token."""
+    """A CLIP BPE tokenizer over printable ASCII characters plus whole-word tokens for the synthetic
+    sample's words (``SYNTH_REFER_WORDS``), as real CLIP has single tokens for common words.
+
+    Each word's merges join the pieces that earlier merges leave, left to right, so every listed word
+    is one token and any other text falls back to characters.
+    """
     import json
     import os
     import tempfile
 
     from transformers import CLIPTokenizer
 
+    from vpd_ray.data.synth import SYNTH_REFER_WORDS
+
     chars = [chr(c) for c in range(33, 127)]
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    tokens = chars + [c + "</w>" for c in chars]
+    ranks: dict[tuple[str, str], int] = {}
+    for word in SYNTH_REFER_WORDS:
+        parts = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(parts) > 1:
+            ranks[(parts[0], parts[1])] = len(ranks)
+            parts = [parts[0] + parts[1]] + parts[2:]
+            tokens.append(parts[0])
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
     with tempfile.TemporaryDirectory() as root:
         vocab, merges = os.path.join(root, "vocab.json"), os.path.join(root, "merges.txt")
         with open(vocab, "w") as f:
-            json.dump({t: i for i, t in enumerate(tokens)}, f)
+            json.dump({t: i for i, t in enumerate(dict.fromkeys(tokens))}, f)
         with open(merges, "w") as f:
-            f.write("#version: 0.2\n")
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in sorted(ranks, key=ranks.get)))
         return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
 def tiny_clip_text_model(width: int) -> torch.nn.Module:
-    """A 2-layer CLIP text model of ``width``, identical in every process (seed 0): it is never saved."""
+    """A 2-layer CLIP text model of ``width``, identical in every process (seed 0): it is never saved.
+
+    Token embeddings are drawn with std 1 instead of CLIP's 0.02: at 0.02 the random layers and
+    position embeddings blur different sentences into near-identical hidden states (cosine 0.8-0.9
+    at the differing words), while a trained CLIP keeps words apart.
+    """
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_clip_tokenizer()
@@ -207,4 +237,6 @@ def tiny_clip_text_model(width: int) -> torch.nn.Module:
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return CLIPTextModel(config)
+        model = CLIPTextModel(config)
+        torch.nn.init.normal_(model.embeddings.token_embedding.weight, std=1.0)
+        return model
