@@ -238,6 +238,18 @@ def test_model_inputs_for_sentence_and_scene_tasks():
         model_inputs(SentenceTask(), pixels, [None, None], protocol=False)
     scene = model_inputs(object(), pixels, [None, None], protocol=False)
     assert scene["class_id"].tolist() == [UNKNOWN_CLASS] * 2  # the mean class embedding
+    known = model_inputs(object(), pixels, [None, None], protocol=False, class_ids=[3, None])
+    assert known["class_id"].tolist() == [3, UNKNOWN_CLASS]
+
+
+def test_scene_class_comes_from_the_shard_json():
+    from vpd_ray.inference.predictor import scene_class
+
+    assert scene_class({"json": b'{"scene": "kitchen", "class_id": 12}'}) == 12
+    assert scene_class({"json": b'{"sentences": ["the red one"]}'}) is None
+    assert scene_class({"bytes": b"..."}) is None  # a photo from a folder
+    with pytest.raises(ValueError, match="unreadable json"):
+        scene_class({"json": b"{not json"})
 
 
 def test_cli_rejects_a_task_the_package_lacks(depth_package, tmp_path, capsys):

@@ -8,6 +8,7 @@ image travels back to the driver. The same class run in-process is the plain-loo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,22 @@ from vpd_ray.inference import sources, writers
 WRITTEN, SKIPPED, FAILED = "written", "skipped", "failed"
 # Depth context for photos with no known scene class: the mean class embedding (VPD.md).
 UNKNOWN_CLASS = -1
+
+
+def scene_class(row: dict[str, Any]) -> int | None:
+    """The scene class id a shard row's ``json`` names (NYU shards: ``class_id``), else None.
+
+    Evaluation feeds depth the scene's own class embedding; inference on the same shards does too,
+    instead of the mean embedding meant for photos of unknown scenes.
+    """
+    raw = row.get("json")
+    if raw is None:
+        return None
+    try:
+        class_id = json.loads(raw).get("class_id")
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"unreadable json field: {err}") from None
+    return class_id if isinstance(class_id, int) and not isinstance(class_id, bool) else None
 
 
 def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -73,20 +90,20 @@ class Predictor:
     # --- one batch ----------------------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         statuses: list[tuple[str, str, str, str]] = []  # (source, name, status, error)
-        todo: list[tuple[str, str, np.ndarray, str | None]] = []  # (source, name, image, sentence)
+        todo: list[tuple[str, str, np.ndarray, str | None, int | None]] = []  # (source, name, image, sentence, class)
         for row in _rows(batch):
             source, name = self._identify(row)
             if sources.output_path(self.output_dir, name).exists():
                 statuses.append((source, name, SKIPPED, ""))
                 continue
             try:
-                image = self._decode(row)
+                image, class_id = self._decode(row), scene_class(row)
             except Exception as err:  # noqa: BLE001 - any unreadable input is reported, not fatal
                 statuses.append((source, name, FAILED, f"{type(err).__name__}: {err}"))
                 continue
-            todo.append((source, name, image, row.get("sentence")))
-        predictions = self.predict([t[2] for t in todo], [t[3] for t in todo])
-        for (source, name, _, _), prediction in zip(todo, predictions):
+            todo.append((source, name, image, row.get("sentence"), class_id))
+        predictions = self.predict([t[2] for t in todo], [t[3] for t in todo], [t[4] for t in todo])
+        for (source, name, *_), prediction in zip(todo, predictions):
             if isinstance(prediction, str):
                 statuses.append((source, name, FAILED, prediction))
                 continue
@@ -124,12 +141,16 @@ class Predictor:
             writers.write_label_png(path, prediction)
 
     # --- the model ----------------------------------------------------------------------------
-    def predict(self, images: list[np.ndarray], sentences: list[str | None]) -> list[np.ndarray | str]:
+    def predict(
+        self, images: list[np.ndarray], sentences: list[str | None], class_ids: list[int | None] | None = None
+    ) -> list[np.ndarray | str]:
         """Per image: its prediction at its own size (float HxW for a regression map, uint8 HxW for
         labels), or the reason the model refused it (e.g. a protocol that needs another image size).
 
-        Images of equal size after ``max_side`` share one forward pass.
+        ``class_ids``: each image's scene class where known (None: unknown). Images of equal size
+        after ``max_side`` share one forward pass.
         """
+        class_ids = class_ids or [None] * len(images)
         results: list[np.ndarray | str] = [""] * len(images)
         fitted = [_fit(image, self.max_side) for image in images]
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -140,6 +161,7 @@ class Predictor:
                 outputs = self._forward(
                     np.stack([fitted[i] for i in indices]),
                     [sentences[i] for i in indices],
+                    [class_ids[i] for i in indices],
                     [images[i].shape[:2] for i in indices],
                 )
             except ValueError as err:  # the task's own check of its inputs, e.g. window vs image size
@@ -149,23 +171,26 @@ class Predictor:
         return results
 
     def _forward(
-        self, images: np.ndarray, sentences: list[str | None], sizes: list[tuple[int, int]]
+        self, images: np.ndarray, sentences: list[str | None], class_ids: list[int | None],
+        sizes: list[tuple[int, int]],
     ) -> list[np.ndarray]:
         """One stacked batch ``[B,H,W,3]`` uint8 -> per-image maps resized to ``sizes``."""
         import torch
 
         pixels = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 255.0  # [B,3,H,W]
-        batch = model_inputs(self.task, pixels, sentences, self.protocol)
+        batch = model_inputs(self.task, pixels, sentences, self.protocol, class_ids)
         with torch.inference_mode():
             output = self.model.predict(self.task.name, batch) if self.protocol else self.model(self.task.name, batch)
         return [to_map(item, size) for item, size in zip(output, sizes)]
 
 
-def model_inputs(task: Any, pixels: Any, sentences: list[str | None], protocol: bool) -> dict[str, Any]:
+def model_inputs(
+    task: Any, pixels: Any, sentences: list[str | None], protocol: bool, class_ids: list[int | None] | None = None
+) -> dict[str, Any]:
     """The batch a task needs for unlabelled images ``pixels`` ``[B,3,H,W]`` in [0,1].
 
-    Scene-class tasks (depth) get class id -1, i.e. the mean class embedding (VPD.md: the default
-    for arbitrary photos); sentence tasks (referring) get the tokenised sentences, as one sentence
+    Scene-class tasks (depth) get each image's class id from ``class_ids``, or -1 where unknown, i.e.
+    the mean class embedding (VPD.md: the default for arbitrary photos); sentence tasks (referring) get the tokenised sentences, as one sentence
     slot per image (``[B,1,T]`` plus ``sentence_valid``) for the test protocol.
     """
     import torch
@@ -182,7 +207,9 @@ def model_inputs(task: Any, pixels: Any, sentences: list[str | None], protocol: 
             batch["sentence_valid"] = torch.ones(b, 1, dtype=torch.bool, device=pixels.device)
         batch["input_ids"] = ids
     else:
-        batch["class_id"] = torch.full((b,), UNKNOWN_CLASS, dtype=torch.long, device=pixels.device)
+        known = class_ids or [None] * b
+        ids = [UNKNOWN_CLASS if c is None else c for c in known]
+        batch["class_id"] = torch.tensor(ids, dtype=torch.long, device=pixels.device)
     return batch
 
 
