@@ -13,7 +13,7 @@ import torch
 from vpd_ray.tasks import get_task, list_tasks
 
 SIZE = 64
-# Synthetic render sizes: the refer generator needs room to place its 3-5 shapes (it loops at 64 px).
+# Synthetic render sizes: the refer generator places its shapes at least 12 px apart (room at 128 px).
 RENDER_SIZE = {"refer": 128}
 
 

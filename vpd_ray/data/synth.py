@@ -40,7 +40,7 @@ REFER_COLOURS = {"red": (210, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 
                  "magenta": (200, 40, 200)}
 REFER_SHAPES = ("circle", "square", "triangle")
 # Every word the refer sentences use: the tiny CLIP tokenizer (tasks/refer.py) gives each its own token.
-SYNTH_REFER_WORDS = ("the", "one", "on", "object", "left", "right", "leftmost", "rightmost") + tuple(REFER_COLOURS) + REFER_SHAPES
+SYNTH_REFER_WORDS = ("the", "one", "on", "object", "left", "right", "leftmost", "rightmost", *REFER_COLOURS, *REFER_SHAPES)
 MAX_DEPTH_MM = 10000
 
 
@@ -234,8 +234,9 @@ def render_refer(seed: int, index: int, hw: tuple[int, int]) -> dict[str, bytes]
     rng = np.random.default_rng((seed, index // 2))
     places = _place(rng, hw, int(rng.integers(2, 4)))
     colours = rng.permutation(list(REFER_COLOURS))[: len(places)]
-    objects = [{"cy": cy, "cx": cx, "r": r, "colour": str(c), "shape": REFER_SHAPES[int(rng.integers(len(REFER_SHAPES)))]}
-               for (cy, cx, r), c in zip(places, colours)]  # fmt: skip
+    shapes = [REFER_SHAPES[int(i)] for i in rng.integers(len(REFER_SHAPES), size=len(places))]
+    objects = [{"cy": cy, "cx": cx, "r": r, "colour": str(c), "shape": shape}
+               for (cy, cx, r), c, shape in zip(places, colours, shapes)]  # fmt: skip
     image = np.full(hw + (3,), 128.0) + rng.normal(0, 10, hw + (3,))
     masks = []
     for obj in objects:
