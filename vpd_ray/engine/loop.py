@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import random
 import shutil
@@ -28,6 +29,10 @@ from omegaconf import DictConfig
 from vpd_ray.engine import checkpoint as ckpt
 from vpd_ray.engine.evaluation import evaluate_task, to_device
 from vpd_ray.engine.optim import deepspeed_config, lr_factor, param_groups, set_lr
+
+# Progress goes through logging, not print: Ray Train's worker print patch both tees print to the
+# worker's stdout and logs it, so every printed line reached the driver twice.
+log = logging.getLogger(__name__)
 
 FAULT_MARKER = ".fault_injected"
 EVENTS = "events.log"
@@ -158,7 +163,7 @@ class Trainer:
         self.state.nan_skips += 1
         check_nan_policy(self.state.nan_skips, self.cfg.train.nan_policy, self.cfg.train.max_nan_skips, step, task_name)
         if self.rank == 0:
-            print(f"[vpd] step {step}: non-finite loss (task {task_name}), batch skipped ({self.state.nan_skips})")
+            log.warning(f"[vpd] step {step}: non-finite loss (task {task_name}), batch skipped ({self.state.nan_skips})")
         return True
 
     def train_step(self, step: int, iters: dict[str, Any]) -> float:
@@ -227,7 +232,7 @@ class Trainer:
 
     def _event(self, line: str) -> None:
         """Rank 0: print, and append to ``<run dir>/events.log`` (restarts and resumes stay on record)."""
-        print(f"[vpd] {line}", flush=True)
+        log.info(f"[vpd] {line}")
         os.makedirs(self.run_dir, exist_ok=True)
         with open(os.path.join(self.run_dir, EVENTS), "a") as f:
             f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
@@ -240,7 +245,7 @@ class Trainer:
             return
         with open(marker, "w") as f:
             f.write(str(step))
-        print(f"[vpd] fault injection: rank {self.rank} exits at step {step}", flush=True)
+        log.warning(f"[vpd] fault injection: rank {self.rank} exits at step {step}")
         os._exit(1)
 
     def _log(self, step: int, loss: float, seconds: float, samples: int) -> None:
@@ -250,8 +255,7 @@ class Trainer:
             return
         lr = max(g["lr"] for g in self.optimizer.param_groups)
         rate = samples / max(seconds, 1e-9)
-        print(f"[vpd] step {step}/{self.cfg.train.max_steps} loss {mean:.4f} lr {lr:.3g} samples/s {rate:.2f}",
-              flush=True)
+        log.info(f"[vpd] step {step}/{self.cfg.train.max_steps} loss {mean:.4f} lr {lr:.3g} samples/s {rate:.2f}")
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -279,7 +283,7 @@ class Trainer:
             if step % t.val_every == 0 or step == t.max_steps:
                 metrics = self.validate()
                 if self.rank == 0:
-                    print(f"[vpd] step {step} validation " + json.dumps(metrics), flush=True)
+                    log.info(f"[vpd] step {step} validation " + json.dumps(metrics))
                 self.save_and_report(metrics)
                 tick = time.perf_counter()
             self._maybe_fail(step)
