@@ -190,8 +190,9 @@ def model_inputs(
     """The batch a task needs for unlabelled images ``pixels`` ``[B,3,H,W]`` in [0,1].
 
     Scene-class tasks (depth) get each image's class id from ``class_ids``, or -1 where unknown, i.e.
-    the mean class embedding (VPD.md: the default for arbitrary photos); sentence tasks (referring) get the tokenised sentences, as one sentence
-    slot per image (``[B,1,T]`` plus ``sentence_valid``) for the test protocol.
+    the mean class embedding (VPD.md: the default for arbitrary photos); sentence tasks (referring)
+    get the tokenised sentences, as one sentence slot per image (``[B,1,T]`` plus ``sentence_valid``)
+    for the test protocol.
     """
     import torch
 

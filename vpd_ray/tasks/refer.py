@@ -216,7 +216,7 @@ def tiny_clip_tokenizer() -> Any:
         with open(vocab, "w") as f:
             json.dump({t: i for i, t in enumerate(dict.fromkeys(tokens))}, f)
         with open(merges, "w") as f:
-            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in sorted(ranks, key=ranks.get)))
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in ranks))  # insertion order = rank
         return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
