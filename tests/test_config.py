@@ -6,7 +6,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from vpd_ray.config import ConfigError, grad_accum_steps, load, task_metric
+from vpd_ray.config import ConfigError, batch_plan, load, task_metric
 from vpd_ray.engine.optim import lr_factor
 
 SAMPLE = "configs/sample.yaml"
@@ -19,12 +19,38 @@ def test_sample_config_loads_typed():
     assert cfg.model.backbone.source == "tiny"
     assert cfg.tasks.depth.train_shards.startswith("/")  # made absolute on the driver
     assert task_metric(cfg) == ("depth/rmse", "min")
-    assert grad_accum_steps(cfg) == 1  # 8 = 4 per worker x 2 workers
+    assert batch_plan(cfg).accum == 1  # 8 = 4 per worker x 2 workers
 
 
 def test_overrides_and_accumulation():
     cfg = load(SAMPLE, ["train.global_batch_size=24", "tasks.depth.batch_size=3", "scaling.num_workers=4"])
-    assert grad_accum_steps(cfg) == 2  # 24 = 3 x 4 workers x 2
+    assert batch_plan(cfg).accum == 2  # 24 = 3 x 4 workers x 2
+
+
+@pytest.mark.parametrize("workers, micro, accum", [(1, 3, 8), (2, 3, 4), (3, 2, 4), (4, 3, 2), (6, 2, 2), (8, 3, 1),
+                                                   (12, 2, 1), (24, 1, 1)])
+def test_reference_global_batch_kept_wherever_reachable(workers, micro, accum):
+    from vpd_ray.batching import plan_batches
+
+    plan = plan_batches({"depth": 3}, workers, 24, 5e-4)
+    assert (plan.micro["depth"], plan.accum, plan.global_batch, plan.lr) == (micro, accum, 24, 5e-4)
+
+
+@pytest.mark.parametrize("scaling, lr", [("linear", 5e-4 * 32 / 24), ("sqrt", 5e-4 * (32 / 24) ** 0.5), ("none", 5e-4)])
+def test_unreachable_global_batch_takes_the_nearest_and_scales_lr(scaling, lr):
+    """NYU on 16 workers: 24 needs 1.5 per worker; 16 and 32 are equally near, the larger micro-batch wins."""
+    from vpd_ray.batching import plan_batches
+
+    plan = plan_batches({"depth": 3}, 16, 24, 5e-4, scaling)
+    assert (plan.micro["depth"], plan.accum, plan.global_batch) == (2, 1, 32)
+    assert plan.lr == pytest.approx(lr) and "not reachable" in plan.reason and f"lr_scaling={scaling}" in plan.reason
+
+
+def test_multitask_plan_shares_one_accumulation():
+    from vpd_ray.batching import plan_batches
+
+    plan = plan_batches({"depth": 2, "seg": 2}, 16, 16, 8e-5)
+    assert plan.micro == {"depth": 1, "seg": 1} and plan.accum == 1 and plan.lr == 8e-5
 
 
 @pytest.mark.parametrize(
@@ -36,7 +62,9 @@ def test_overrides_and_accumulation():
         (["tasks.nosuchtask.batch_size=1"], "nosuchtask"),
         (["tasks.depth.train_shards=/nowhere/x-{0..3}.tar"], "/nowhere/x-0.tar"),
         (["model.backbone.source=pretrained", "model.backbone.path=/nowhere/sd15"], "/nowhere/sd15"),
-        (["train.global_batch_size=10"], "not divisible"),
+        (["train.global_batch_size=0"], "train.global_batch_size"),
+        (["train.lr_scaling=cubic"], "lr_scaling"),
+        (["train.checkpoint.weights_every=-1"], "weights_every"),
         (["deepspeed.zero_stage=4"], "zero_stage"),
         (["train.nan_policy=ignore"], "nan_policy"),
         (["train.grad_checkpointing=true", "deepspeed.zero_stage=3"], "zero_stage 3"),
@@ -47,9 +75,52 @@ def test_bad_config_names_key(override, words):
         load(SAMPLE, override)
 
 
-def test_hub_id_is_not_checked_as_path():
-    cfg = load(SAMPLE, ["model.backbone.source=pretrained", "model.backbone.path=stable-diffusion-v1-5/stable-diffusion-v1-5"])
-    assert cfg.model.backbone.path == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_hub_id_offline_and_not_cached_is_an_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.is_offline_mode", lambda: True)
+    with pytest.raises(ConfigError, match="model.backbone.path: hub id .* not in the local Hugging Face cache.*download"):
+        load(SAMPLE, ["model.backbone.source=pretrained", f"model.backbone.path={HUB_ID}"])
+
+
+def test_hub_id_in_the_cache_passes_offline(monkeypatch, tmp_path):
+    """A cache in the hub's layout (what ``python -m vpd_ray.download`` leaves) is enough offline."""
+    snapshot = tmp_path / "models--stable-diffusion-v1-5--stable-diffusion-v1-5" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.is_offline_mode", lambda: True)
+    cfg = load(SAMPLE, ["model.backbone.source=pretrained", f"model.backbone.path={HUB_ID}"])
+    assert cfg.model.backbone.path == HUB_ID
+
+
+def test_unreachable_hub_is_an_error(monkeypatch, tmp_path):
+    def refuse(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.is_offline_mode", lambda: False)
+    monkeypatch.setattr("huggingface_hub.model_info", refuse)
+    with pytest.raises(ConfigError, match="hub is unreachable .Name or service not known"):
+        load(SAMPLE, ["model.backbone.source=pretrained", f"model.backbone.path={HUB_ID}"])
+
+
+def test_remote_paths_are_left_for_a_worker(tmp_path):
+    """Paths only the workers see (a --remote-check prefix, s3://) pass on the driver and are deferred."""
+    from vpd_ray.config import deferred_checks
+
+    overrides = ["tasks.depth.train_shards=/cluster-data/nyu-train-{000000..000003}.tar",
+                 "tasks.depth.val_shards=s3://bucket/nyu-test-000000.tar"]
+    with pytest.raises(ConfigError, match="/cluster-data/nyu-train-000000.tar"):
+        load(SAMPLE, overrides)
+    cfg = load(SAMPLE, overrides, remote=("/cluster-data",))
+    assert [c.key for c in deferred_checks(cfg, remote=("/cluster-data",))] == ["tasks.depth.train_shards",
+                                                                               "tasks.depth.val_shards"]
 
 
 @pytest.mark.parametrize("module", ["vpd_ray.train", "vpd_ray.evaluate"])

@@ -55,11 +55,11 @@ def test_sample_configs_validate(name, monkeypatch):
                                                       ("refcoco+", ["refer"], 52847), ("refcocog", ["refer"], 52782),
                                                       ("multitask", ["depth", "seg"], 80000)])  # fmt: skip
 def test_full_configs_compose_with_reference_numbers(name, tasks, steps):
-    from vpd_ray.config import compose, grad_accum_steps
+    from vpd_ray.config import batch_plan, compose
 
     cfg = compose(str(REPO / "configs" / f"{name}.yaml"))  # shards and embeddings live on the cluster
     assert list(cfg.tasks) == tasks and cfg.train.max_steps == steps
-    assert grad_accum_steps(cfg) == 1
+    assert batch_plan(cfg).accum == 1
     if "seg" in cfg.tasks:
         assert cfg.tasks.seg.num_classes == 150 and cfg.train.global_batch_size == 16
     if "refer" in cfg.tasks:

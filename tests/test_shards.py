@@ -1,5 +1,6 @@
 """Shard writers: fake trees in the published NYU / ADE20K / RefCOCO layouts convert and read back
-bit-identical; missing sources; resume after a killed conversion; the refs pickle is data-only."""
+bit-identical; train splits in a seeded order; missing sources; resume after a killed conversion;
+the refs pickle is data-only."""
 
 from __future__ import annotations
 
@@ -43,20 +44,30 @@ def _read_all(out: str, prefix: str) -> dict[str, dict[str, bytes]]:
     return samples
 
 
+def write_nyu_tree(root, dirs: dict[str, list[str]], frames) -> dict:
+    """sync/<scene>_<id>/ (train) + official_splits/test/<scene>/ (test) + both list files, as published.
+
+    ``dirs``: the folders of each split, each holding ``frames``, listed folder by folder. Returns
+    ``{(folder, frame): (rgb bytes, depth PNG bytes, depth array)}``.
+    """
+    files = {}
+    for split, split_dir in (("train", "sync"), ("test", "official_splits/test")):
+        lines = []
+        for rel_dir in dirs.get(split, []):
+            base = root / split_dir / rel_dir
+            for frame in frames:
+                depth = (np.arange(12 * 16, dtype=np.uint16).reshape(12, 16) * 50 + frame)
+                rgb = _jpeg(str(base / f"rgb_{frame:05d}.jpg"), frame)
+                files[(rel_dir, frame)] = (rgb, _png(str(base / f"sync_depth_{frame:05d}.png"), depth), depth)
+                lines.append(f"/{rel_dir}/rgb_{frame:05d}.jpg /{rel_dir}/sync_depth_{frame:05d}.png 518.8579")
+        (root / f"{split}_list.txt").write_text("\n".join(lines) + "\n")
+    return files
+
+
 @pytest.fixture()
 def nyu_tree(tmp_path):
-    """sync/<scene>_<id>/ + official_splits/test/<scene>/ + both list files, as published."""
-    root, files = tmp_path / "nyu", {}
-    lines = {"train": [], "test": []}
-    for split, rel_dir in (("train", "kitchen_0028b"), ("train", "office_kitchen_0003"), ("test", "bathroom")):
-        base = root / ("sync" if split == "train" else "official_splits/test") / rel_dir
-        for frame in (45, 46):
-            depth = (np.arange(12 * 16, dtype=np.uint16).reshape(12, 16) * 50 + frame)
-            rgb = _jpeg(str(base / f"rgb_{frame:05d}.jpg"), frame)
-            files[(rel_dir, frame)] = (rgb, _png(str(base / f"sync_depth_{frame:05d}.png"), depth), depth)
-            lines[split].append(f"/{rel_dir}/rgb_{frame:05d}.jpg /{rel_dir}/sync_depth_{frame:05d}.png 518.8579")
-    for split in lines:
-        (root / f"{split}_list.txt").write_text("\n".join(lines[split]) + "\n")
+    root = tmp_path / "nyu"
+    files = write_nyu_tree(root, {"train": ["kitchen_0028b", "office_kitchen_0003"], "test": ["bathroom"]}, (45, 46))
     return root, files
 
 
@@ -80,6 +91,44 @@ def test_nyu_train_and_test_read_back_bit_identical(nyu_tree, tmp_path):
     assert (test_meta["scene"], test_meta["class_id"]) == ("bathroom", 0)
     manifest = json.load(open(os.path.join(out, "nyu-train.manifest.json")))
     assert [s["count"] for s in manifest["shards"]] == [3, 1] and manifest["num_missing"] == 0
+
+
+def _keys_in_order(out: str, prefix: str) -> list[str]:
+    manifest = json.load(open(os.path.join(out, f"{prefix}.manifest.json")))
+    return [key for shard in manifest["shards"] for key, _ in iter_raw_samples(os.path.join(out, shard["name"]))]
+
+
+def test_train_split_is_written_in_a_seeded_order_that_reruns_hold_to(tmp_path, capsys):
+    root, dirs = tmp_path / "nyu", ["kitchen_0001", "office_0002"]
+    write_nyu_tree(root, {"train": dirs, "test": dirs}, range(6))
+    listed = {split: [f"{base}__{d}__rgb_{f:05d}" for d in dirs for f in range(6)]
+              for split, base in (("train", "sync"), ("test", "official_splits__test"))}
+
+    def convert(out, split="train", *options):
+        args = ["nyu", "--root", str(root), "--split", split, "--out", str(tmp_path / out), "--max-count", "5"]
+        return cli.main(args + list(options))
+
+    def manifest(out, split="train"):
+        return json.load(open(tmp_path / out / f"nyu-{split}.manifest.json"))
+
+    assert convert("a") == 0 and convert("b", "train", "--shuffle-seed", "0") == 0
+    shuffled = _keys_in_order(str(tmp_path / "a"), "nyu-train")
+    assert sorted(shuffled) == sorted(listed["train"]) and shuffled != listed["train"]
+    assert manifest("a")["shards"] == manifest("b")["shards"] and manifest("a")["shuffle_seed"] == 0
+    first = os.stat(tmp_path / "a" / "nyu-train-000000.tar").st_mtime_ns
+    assert convert("a") == 0 and manifest("a")["shards"] == manifest("b")["shards"]  # resumed: nothing to do
+    assert os.stat(tmp_path / "a" / "nyu-train-000000.tar").st_mtime_ns == first
+    capsys.readouterr()
+    for options in (["--shuffle-seed", "1"], ["--no-shuffle"]):
+        assert convert("a", "train", *options) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "other options" in err and err.count("\n") == 1
+    assert convert("c", "train", "--no-shuffle") == 0 and convert("c", "test") == 0
+    assert _keys_in_order(str(tmp_path / "c"), "nyu-train") == listed["train"]
+    assert _keys_in_order(str(tmp_path / "c"), "nyu-test") == listed["test"]
+    assert manifest("c")["shuffle_seed"] is None and manifest("c", "test")["shuffle_seed"] is None
+    with pytest.raises(SystemExit):
+        convert("d", "train", "--shuffle-seed", "1", "--no-shuffle")
 
 
 def test_ade20k_reads_back_and_lists_missing_annotations(tmp_path):
@@ -186,6 +235,16 @@ def test_resume_after_a_killed_conversion(tmp_path):
     assert os.stat(os.path.join(out, "x-000000.tar")).st_mtime_ns == first.st_mtime_ns  # skipped, not rewritten
     with pytest.raises(ConversionError, match="other options"):
         write_shards(_items(), out, "x", max_count=4)
+
+
+def test_a_completed_shard_in_another_order_is_stale(tmp_path):
+    items = _items()
+    assert writer.shuffled(items, None) == items
+    assert sorted(writer.shuffled(items, 0), key=lambda item: item.key) == items
+    assert [i.key for i in writer.shuffled(items, 0)] != [i.key for i in writer.shuffled(items, 1)]
+    write_shards(items, str(tmp_path), "x")  # one shard: the same keys whatever the order
+    with pytest.raises(ConversionError, match="in another order.*other options"):
+        write_shards(writer.shuffled(items, 0), str(tmp_path), "x")
 
 
 def test_parallel_writers_give_the_same_shards(tmp_path):

@@ -236,3 +236,43 @@ def test_zero_stages_give_the_same_loss(ray_cluster, tmp_path):
                 assert torch.equal(states[stage][key], value), key
             elif value.is_floating_point():
                 torch.testing.assert_close(states[stage][key], value, rtol=1e-2, atol=1e-3, msg=key)
+
+
+def _tensorboard_scalars(run_dir: str, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(run_dir, "tensorboard"))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def test_resume_on_fewer_workers_continues_steps_and_schedule(ray_cluster, tmp_path):
+    """A 2-worker ZeRO-2 run resumed on 1 worker: consolidated weights and a fresh optimizer, while the
+    step count, the global batch (now 4 x 1 worker x 2 accumulation) and the LR schedule go on.
+    Weights-only checkpoints land between the full ones as loadable packages."""
+    from omegaconf import OmegaConf
+
+    from vpd_ray.engine.optim import lr_factor
+    from vpd_ray.train import fit
+
+    base = [f"run.storage_path={tmp_path}", "run.name=resize", "data.num_workers=0", "train.val_every=4",
+            "train.log_every=2", "train.max_val_batches=1", "run.export=false", "train.checkpoint.weights_every=2"]
+    first = fit(load("configs/sample.yaml", [*base, "train.max_steps=4"]))
+    assert first.error is None, first.error
+    cfg = load("configs/sample.yaml", [*base, "train.max_steps=8", "scaling.num_workers=1"])
+    second = fit(cfg)
+    assert second.error is None, second.error
+    assert second.metrics["step"] == 8
+    run_dir = os.path.join(str(tmp_path), "resize")
+    with open(os.path.join(run_dir, EVENTS)) as f:
+        events = f.read()
+    assert "at step 4 on 1 workers (saved by 2): consolidated weights, fresh optimizer state" in events
+    assert "checkpoint_00000004: " in events and "written in" in events and "persisted in" in events
+    lrs = _tensorboard_scalars(run_dir, "train/lr")
+    schedule = OmegaConf.create(OmegaConf.to_container(cfg.train.schedule))
+    for step in (6, 8):  # logged at step s: the LR of optimizer step s - 1, on the 8-step schedule
+        assert lrs[step] == pytest.approx(cfg.train.lr * lr_factor(step - 1, 8, schedule, cfg.train.lr), rel=1e-6)
+    weights = sorted(os.listdir(os.path.join(run_dir, "weights")))
+    assert weights == ["step_00000002", "step_00000006"]  # weights_keep=2; steps 4 and 8 are full checkpoints
+    model, _ = load_package(os.path.join(run_dir, "weights", "step_00000006"))
+    assert any(k.startswith("backbone.vae.") for k in model.state_dict())

@@ -20,14 +20,15 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vpd_ray.batching import LR_SCALINGS, BatchPlan
 from vpd_ray.model.backbone import BackboneConfig
+from vpd_ray.paths import SHARD_KEYS, WEIGHT_SUFFIXES, PathCheck, config_paths, expand_urls, is_local, is_remote, problem  # noqa: F401
 
 EXIT_CONFIG_ERROR = 2
 SCHEDULE_KINDS = ("constant", "poly_rise_fall", "warmup_poly")
 NAN_POLICIES = ("skip", "stop")
 METRIC_MODES = ("min", "max")
-SHARD_KEYS = ("train_shards", "val_shards", "test_shards")
-WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+TRAIN_NEEDS = ("train_shards", "val_shards")
 
 
 class ConfigError(ValueError):
@@ -64,14 +65,20 @@ class CheckpointConfig:
     keep: int = 2
     metric: Optional[str] = None  # "<task>/<metric>"; default: the first task's primary metric
     mode: Optional[str] = None  # "min" | "max"; default: that task's metric_mode
+    # Light weights-only checkpoints (a model package with the bf16 training weights, about a sixth
+    # of a full checkpoint) every this many steps between the full ones, in <run dir>/weights/; 0: off.
+    weights_every: int = 0
+    weights_keep: int = 2  # the latest this many weights-only checkpoints are kept
 
 
 @dataclasses.dataclass
 class TrainConfig:
     max_steps: int = 1000  # optimizer steps
-    # Samples per optimizer step over all workers; gradient accumulation is derived from it so the
-    # reference global batch (24 for VPD depth) is reachable on any worker count. None: no accumulation.
+    # Samples per optimizer step over all workers. The micro-batch (at most tasks.<name>.batch_size)
+    # and the accumulation are derived so that it is kept wherever the worker count allows; else the
+    # nearest reachable batch is used and lr scaled by lr_scaling (vpd_ray.batching). None: no accumulation.
     global_batch_size: Optional[int] = None
+    lr_scaling: str = "linear"  # "none" | "linear" | "sqrt": lr x (actual / configured global batch)**{0,1,1/2}
     lr: float = 5e-4
     weight_decay: float = 0.1
     unet_lr_mult: float = 0.01  # UNet parameters train at this multiple of lr (VPD: 0.01 depth, 0.1 seg)
@@ -171,7 +178,7 @@ def compose(path: Optional[str] = None, overrides: List[str] = (), base: Optiona
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
     _type_tasks(cfg)
-    if _is_local(cfg.run.storage_path):
+    if is_local(cfg.run.storage_path):
         cfg.run.storage_path = os.path.abspath(os.path.expanduser(cfg.run.storage_path))
     for task in cfg.tasks.values():
         for key in SHARD_KEYS:
@@ -183,7 +190,7 @@ def compose(path: Optional[str] = None, overrides: List[str] = (), base: Optiona
 def _absolute_shards(spec: str) -> str:
     """Local shard paths made absolute on the driver, so workers need not share its working directory."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
-    return ",".join(os.path.abspath(os.path.expanduser(p)) if _is_local(p) else p for p in parts)
+    return ",".join(os.path.abspath(os.path.expanduser(p)) if is_local(p) else p for p in parts)
 
 
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:
@@ -196,61 +203,35 @@ def _check_positive(key: str, value: Any, minimum: int = 1) -> None:
         raise ConfigError(f"{key}: {value!r} must be >= {minimum}")
 
 
-def expand_urls(spec: str) -> list[str]:
-    """Shard URLs of a brace pattern or comma list (``a-{000..003}.tar,b.tar``)."""
-    import braceexpand
-
-    return [url for part in spec.split(",") if part.strip() for url in braceexpand.braceexpand(part.strip())]
-
-
-def _is_local(url: str) -> bool:
-    """A path on this machine's filesystem (not s3://, gs://, pipe:...)."""
-    return "://" not in url and not url.startswith("pipe:")
-
-
 def local_run_dir(cfg: DictConfig) -> str:
     """Where this machine writes run-side files (TensorBoard, events.log, the package): the run
     directory itself when the storage is local, else ``~/vpd_runs/<name>`` on the node."""
-    if _is_local(cfg.run.storage_path):
+    if is_local(cfg.run.storage_path):
         return os.path.join(cfg.run.storage_path, cfg.run.name)
     return os.path.join(os.path.expanduser("~/vpd_runs"), cfg.run.name)
 
 
-def _check_shards(key: str, spec: Optional[str]) -> None:
-    if spec is None:
-        return
-    urls = expand_urls(spec)
-    if not urls:
-        raise ConfigError(f"{key}: {spec!r} names no shards")
-    missing = [u for u in urls if _is_local(u) and not os.path.exists(os.path.expanduser(u))]
-    if missing:
-        raise ConfigError(f"{key}: {len(missing)} of {len(urls)} shards not found, first: {missing[0]}")
-
-
-def _looks_like_path(value: str) -> bool:
-    """A hub id is ``owner/name``; anything else (absolute, ./, ~, deeper, a file suffix) is a path."""
-    if value.startswith(("/", ".", "~")) or value.count("/") != 1:
-        return True
-    return value.endswith(WEIGHT_SUFFIXES)
-
-
 def _check_backbone(backbone: DictConfig) -> None:
-    """BackboneConfig's own checks, then: its weight paths that are not hub ids must exist."""
+    """BackboneConfig's own checks (its weights are path checks, :mod:`vpd_ray.paths`)."""
     try:
         BackboneConfig(**OmegaConf.to_container(backbone, resolve=True))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model.backbone: {err}") from None
-    for key in ("path", "config_path"):
-        value = backbone.get(key)
-        if isinstance(value, str) and _looks_like_path(value) and not os.path.exists(os.path.expanduser(value)):
-            raise ConfigError(f"model.backbone.{key}: path not found: {value}")
 
 
-def _check_task_files(name: str, section: DictConfig) -> None:
-    """String options of a task that name weight files (class embeddings, ...) must exist."""
-    for key, value in section.items():
-        if isinstance(value, str) and value.endswith(WEIGHT_SUFFIXES) and not os.path.exists(os.path.expanduser(value)):
-            raise ConfigError(f"tasks.{name}.{key}: file not found: {value}")
+def _check_paths(cfg: DictConfig, need: tuple[str, ...], remote: tuple[str, ...]) -> None:
+    """Every path and hub id the driver can see; the ones :func:`vpd_ray.paths.is_remote` marks are
+    left to :func:`deferred_checks` (checked on a worker node before training starts)."""
+    for check in config_paths(cfg, need):
+        if not is_remote(check, remote):
+            found = problem(check)
+            if found:
+                raise ConfigError(found)
+
+
+def deferred_checks(cfg: DictConfig, need: tuple[str, ...] = TRAIN_NEEDS, remote: tuple[str, ...] = ()) -> list[PathCheck]:
+    """The path checks :func:`validate` left for a worker node (cloud URLs, ``--remote-check`` paths)."""
+    return [c for c in config_paths(cfg, need) if is_remote(c, remote)]
 
 
 def task_metric(cfg: DictConfig) -> tuple[str, str]:
@@ -262,31 +243,19 @@ def task_metric(cfg: DictConfig) -> tuple[str, str]:
     return metric, cfg.train.checkpoint.mode or first.metric_mode
 
 
-def grad_accum_steps(cfg: DictConfig) -> int:
-    """Micro-batches accumulated per optimizer step so that the global batch is ``global_batch_size``.
+def batch_plan(cfg: DictConfig, workers: Optional[int] = None) -> BatchPlan:
+    """Micro-batch, accumulation and scaled LR on ``workers`` (default ``scaling.num_workers``); see
+    :mod:`vpd_ray.batching`. Workers call it with their real world size."""
+    from vpd_ray.batching import plan_batches
 
-    Every task must reach the same accumulation count, since DeepSpeed has one.
-    """
-    workers = cfg.scaling.num_workers
-    counts = set()
-    for name, task in cfg.tasks.items():
-        per_step = task.batch_size * workers
-        if cfg.train.global_batch_size is None:
-            counts.add(1)
-        elif cfg.train.global_batch_size % per_step:
-            raise ConfigError(
-                f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by "
-                f"tasks.{name}.batch_size x scaling.num_workers = {task.batch_size} x {workers}"
-            )
-        else:
-            counts.add(cfg.train.global_batch_size // per_step)
-    if len(counts) != 1:
-        raise ConfigError(f"train.global_batch_size: tasks need different accumulation counts {sorted(counts)}")
-    return counts.pop()
+    caps = {name: task.batch_size for name, task in cfg.tasks.items()}
+    return plan_batches(caps, workers or cfg.scaling.num_workers, cfg.train.global_batch_size, cfg.train.lr,
+                        cfg.train.lr_scaling)
 
 
-def validate(cfg: DictConfig, need: tuple[str, ...] = ("train_shards", "val_shards")) -> None:
-    """Value checks the schema's types cannot express; raises ConfigError naming the key."""
+def validate(cfg: DictConfig, need: tuple[str, ...] = TRAIN_NEEDS, remote: tuple[str, ...] = ()) -> None:
+    """Value checks the schema's types cannot express, then the paths this machine can see (``remote``:
+    path prefixes checked on a worker node instead, see :mod:`vpd_ray.paths`); raises ConfigError."""
     t = cfg.train
     _check_positive("train.max_steps", t.max_steps)
     _check_positive("train.log_every", t.log_every)
@@ -295,6 +264,11 @@ def validate(cfg: DictConfig, need: tuple[str, ...] = ("train_shards", "val_shar
     _check_positive("train.max_nan_skips", t.max_nan_skips, 0)
     _check_choice("train.schedule.kind", t.schedule.kind, SCHEDULE_KINDS)
     _check_choice("train.nan_policy", t.nan_policy, NAN_POLICIES)
+    _check_choice("train.lr_scaling", t.lr_scaling, LR_SCALINGS)
+    _check_positive("train.checkpoint.weights_every", t.checkpoint.weights_every, 0)
+    _check_positive("train.checkpoint.weights_keep", t.checkpoint.weights_keep)
+    if t.global_batch_size is not None:
+        _check_positive("train.global_batch_size", t.global_batch_size)
     if t.checkpoint.mode is not None:
         _check_choice("train.checkpoint.mode", t.checkpoint.mode, METRIC_MODES)
     if not 0.0 < t.schedule.peak_fraction <= 1.0:
@@ -309,31 +283,35 @@ def validate(cfg: DictConfig, need: tuple[str, ...] = ("train_shards", "val_shar
         for field in need:
             if task[field] is None:
                 raise ConfigError(f"tasks.{name}.{field}: required")
-            _check_shards(f"tasks.{name}.{field}", task[field])
     if t.grad_checkpointing and cfg.deepspeed.zero_stage == 3:
         # VPD.md: non-reentrant recompute (the backbone's) of a diffusers UNet with frozen partitioned
         # parameters crashes under ZeRO-3.
         raise ConfigError("train.grad_checkpointing: not supported with deepspeed.zero_stage 3; use zero_stage 2")
-    grad_accum_steps(cfg)
     _check_backbone(cfg.model.backbone)
-    for name, task in cfg.tasks.items():
-        _check_task_files(name, task)
+    _check_paths(cfg, need, remote)
 
 
-def load(path: Optional[str], overrides: List[str] = (), need: tuple[str, ...] = ("train_shards", "val_shards")) -> DictConfig:
+def load(path: Optional[str], overrides: List[str] = (), need: tuple[str, ...] = TRAIN_NEEDS,
+         remote: tuple[str, ...] = ()) -> DictConfig:
     """Compose and validate; raises ConfigError."""
     cfg = compose(path, overrides)
-    validate(cfg, need)
+    validate(cfg, need, remote)
     return cfg
 
 
-def load_or_exit(path: Optional[str], overrides: List[str] = (), need: tuple[str, ...] = ("train_shards", "val_shards")) -> DictConfig:
+def exit_config_error(message: str) -> None:
+    """The one line and exit code 2 of every bad configuration."""
+    print(f"config error: {message}", file=sys.stderr)
+    sys.exit(EXIT_CONFIG_ERROR)
+
+
+def load_or_exit(path: Optional[str], overrides: List[str] = (), need: tuple[str, ...] = TRAIN_NEEDS,
+                 remote: tuple[str, ...] = ()) -> DictConfig:
     """The entry points' loader: a bad config is one line on stderr and exit code 2."""
     try:
-        return load(path, overrides, need)
+        return load(path, overrides, need, remote)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
+        exit_config_error(str(err))
 
 
 def to_yaml(cfg: DictConfig) -> str:

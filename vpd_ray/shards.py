@@ -6,8 +6,10 @@
     python -m vpd_ray.shards synth-depth --out shards/sample --n 256 --seed 0 --name depth-train
 
 Each command writes ``<out>/<name>-NNNNNN.tar`` and ``<out>/<name>.manifest.json``; re-running the
-same command resumes an interrupted conversion. Exit status 1 with a one-line message when the
-sources are unusable (too many missing, stale shards), 2 for bad arguments.
+same command resumes an interrupted conversion. Train splits are written in a seeded shuffled order
+(``--shuffle-seed``, default 0; ``--no-shuffle`` keeps list order), other splits in list order. Exit
+status 1 with a one-line message when the sources are unusable (too many missing, stale shards), 2
+for bad arguments.
 """
 
 from __future__ import annotations
@@ -35,6 +37,26 @@ def _common(p: argparse.ArgumentParser, default_name: str | None = None) -> None
     p.add_argument("--max-missing", type=float, default=0.01, help="share of missing sources tolerated")
 
 
+def _order(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--shuffle-seed", type=int, help="write the samples in this seed's shuffled order "
+                                                        "(default: 0 for --split train, else list order)")
+    group.add_argument("--no-shuffle", action="store_true", help="write the samples in list order")
+
+
+def shuffle_seed(args: argparse.Namespace) -> int | None:
+    """The seed of the written order, None for list order.
+
+    Train splits are shuffled by default (why: :func:`vpd_ray.data.writer.shuffled`); other splits
+    keep list order, so that evaluation and inference outputs come in dataset order.
+    """
+    if args.no_shuffle:
+        return None
+    if args.shuffle_seed is not None:
+        return args.shuffle_seed
+    return 0 if args.split == "train" else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vpd_ray.shards", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,10 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True, choices=["train", "test"])
     p.add_argument("--list", help="list file of '/<dir>/rgb_X.jpg /<dir>/sync_depth_X.png' lines "
                                   "(default: <root>/<split>_list.txt)")
+    _order(p)
     _common(p)
     p = sub.add_parser("ade20k", help="ADE20K (ADEChallengeData2016)")
     p.add_argument("--root", required=True, help="the ADEChallengeData2016 folder")
     p.add_argument("--split", required=True, choices=["train", "val"])
+    _order(p)
     _common(p)
     p = sub.add_parser("refcoco", help="RefCOCO / RefCOCO+ / G-Ref (refer toolkit layout)")
     p.add_argument("--root", required=True, help="folder holding <dataset>/refs(<split-by>).p, "
@@ -55,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-by", required=True, choices=["unc", "umd", "google"])
     p.add_argument("--split", required=True, help="train, val, test, testA, testB")
     p.add_argument("--images", help="folder of COCO_train2014_*.jpg (default: <root>/images/train2014)")
+    _order(p)
     _common(p)
     for kind in ("depth", "seg", "refer"):
         p = sub.add_parser(f"synth-{kind}", help=f"synthetic {kind} data (vpd_ray.data.synth)")
@@ -73,19 +98,21 @@ def collect(args: argparse.Namespace) -> tuple[list[SourceItem], str, dict]:
         kind = args.command.split("-", 1)[1]
         info = {"dataset": args.command, "seed": args.seed, "n": args.n}
         return synth_items(kind, args.n, args.seed, args.size), f"{kind}-s{args.seed}", info
+    seed = shuffle_seed(args)
     if args.command == "nyu":
         from vpd_ray.data.nyu import nyu_items
 
-        return nyu_items(args.root, args.split, args.list), f"nyu-{args.split}", {"dataset": "nyu", "split": args.split}
-    if args.command == "ade20k":
+        items, prefix, info = nyu_items(args.root, args.split, args.list, seed), "nyu", {"dataset": "nyu"}
+    elif args.command == "ade20k":
         from vpd_ray.data.ade20k import ade20k_items
 
-        return ade20k_items(args.root, args.split), f"ade20k-{args.split}", {"dataset": "ade20k", "split": args.split}
-    from vpd_ray.data.refcoco import refcoco_items
+        items, prefix, info = ade20k_items(args.root, args.split, seed), "ade20k", {"dataset": "ade20k"}
+    else:
+        from vpd_ray.data.refcoco import refcoco_items
 
-    items = refcoco_items(args.root, args.dataset, args.split_by, args.split, args.images)
-    info = {"dataset": args.dataset, "split_by": args.split_by, "split": args.split}
-    return items, f"{args.dataset}-{args.split_by}-{args.split}", info
+        items = refcoco_items(args.root, args.dataset, args.split_by, args.split, args.images, seed)
+        prefix, info = f"{args.dataset}-{args.split_by}", {"dataset": args.dataset, "split_by": args.split_by}
+    return items, f"{prefix}-{args.split}", {**info, "split": args.split, "shuffle_seed": seed}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,12 +65,20 @@ def best_checkpoint(result: Any, cfg: DictConfig) -> Any:
     return pick(scored, key=lambda cm: cm[1])[0]
 
 
-def fit(cfg: DictConfig) -> Any:
-    """Train (or resume) the run of a validated config; returns the Ray Train ``Result``."""
+def fit(cfg: DictConfig, deferred: list | None = None) -> Any:
+    """Train (or resume) the run of a validated config; returns the Ray Train ``Result``.
+
+    ``deferred``: path checks left for a worker node (:func:`vpd_ray.config.deferred_checks`), run
+    once Ray is up and before anything is written.
+    """
     import ray
 
+    from vpd_ray import launch
     from vpd_ray.config import local_run_dir, to_yaml
 
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS / a running cluster, else a local one
+    launch.check_remote_paths(cfg, deferred or [])
     run_dir = local_run_dir(cfg)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
@@ -78,8 +86,6 @@ def fit(cfg: DictConfig) -> Any:
     extra = {}
     if os.environ.get(FAIL_ENV):
         extra["fail_once_at_step"] = int(os.environ[FAIL_ENV])
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS / a running cluster, else a local one
     result = build_trainer(cfg, extra).fit()
     if cfg.run.export:
         from vpd_ray.export import export_checkpoint
@@ -92,15 +98,22 @@ def fit(cfg: DictConfig) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from vpd_ray.config import load_or_exit, to_yaml
+    from vpd_ray import launch
+    from vpd_ray.config import deferred_checks, load_or_exit
+    from vpd_ray.plan import describe
 
     parser = argparse.ArgumentParser(prog="python -m vpd_ray.train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML config (e.g. configs/sample.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
-    args = parser.parse_args(argv)
-    cfg = load_or_exit(args.config, args.overrides)
-    print(to_yaml(cfg), flush=True)
-    result = fit(cfg)
+    launch.add_arguments(parser)
+    args = parser.parse_intermixed_args(argv)
+    remote = launch.remote_prefixes(args)
+    cfg = load_or_exit(args.config, args.overrides, remote=remote)
+    launch.show(describe(cfg))
+    deferred = deferred_checks(cfg, remote=remote)
+    if args.dry_run:
+        launch.finish_dry_run(deferred)
+    result = fit(cfg, deferred)
     if result.error is not None:
         print(f"training failed: {result.error}", file=sys.stderr)
         sys.exit(1)

@@ -12,7 +12,7 @@ import functools
 import json
 import os
 
-from vpd_ray.data.writer import SourceItem, read_source
+from vpd_ray.data.writer import SourceItem, read_source, shuffled
 
 SPLIT_DIRS = {"train": "training", "val": "validation"}
 
@@ -22,8 +22,9 @@ def load_pair(image: str, label: str, meta: dict) -> dict[str, bytes]:
             "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
 
 
-def ade20k_items(root: str, split: str) -> list[SourceItem]:
-    """One item per image, keyed by its stem (``ADE_train_00000001``), in file-name order."""
+def ade20k_items(root: str, split: str, shuffle_seed: int | None = None) -> list[SourceItem]:
+    """One item per image, keyed by its stem (``ADE_train_00000001``), in file-name order or, with
+    ``shuffle_seed``, in that seed's :func:`~vpd_ray.data.writer.shuffled` order."""
     if split not in SPLIT_DIRS:
         raise ValueError(f"unknown ADE20K split {split!r}; known: {sorted(SPLIT_DIRS)}")
     image_dir = os.path.join(root, "images", SPLIT_DIRS[split])
@@ -39,4 +40,4 @@ def ade20k_items(root: str, split: str) -> list[SourceItem]:
         size = os.path.getsize(paths[0]) + (os.path.getsize(paths[1]) if os.path.exists(paths[1]) else 0)
         items.append(SourceItem(key=stem, load=functools.partial(load_pair, *paths, meta), est_bytes=size,
                                 source=rel_image))
-    return items
+    return shuffled(items, shuffle_seed)

@@ -15,7 +15,7 @@ import json
 import os
 import re
 
-from vpd_ray.data.writer import SourceItem, key_from_path, read_source
+from vpd_ray.data.writer import SourceItem, key_from_path, read_source, shuffled
 
 SPLIT_DIRS = {"train": "sync", "test": os.path.join("official_splits", "test")}
 
@@ -61,8 +61,10 @@ def load_pair(rgb: str, depth: str, meta: dict) -> dict[str, bytes]:
             "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
 
 
-def nyu_items(root: str, split: str, list_file: str | None = None) -> list[SourceItem]:
-    """One item per listed pair, keyed by the image path (e.g. ``sync__kitchen_0028b__rgb_00045``)."""
+def nyu_items(root: str, split: str, list_file: str | None = None,
+              shuffle_seed: int | None = None) -> list[SourceItem]:
+    """One item per listed pair, keyed by the image path (e.g. ``sync__kitchen_0028b__rgb_00045``), in
+    list order or, with ``shuffle_seed``, in that seed's :func:`~vpd_ray.data.writer.shuffled` order."""
     if split not in SPLIT_DIRS:
         raise ValueError(f"unknown NYU split {split!r}; known: {sorted(SPLIT_DIRS)}")
     root = _dataset_root(root)
@@ -79,7 +81,7 @@ def nyu_items(root: str, split: str, list_file: str | None = None) -> list[Sourc
         paths = (os.path.join(base, rgb.lstrip("/")), os.path.join(base, depth.lstrip("/")))
         items.append(SourceItem(key=key_from_path(rel), load=functools.partial(load_pair, *paths, meta),
                                 est_bytes=_size(paths[0]) + _size(paths[1]), source=rel))
-    return items
+    return shuffled(items, shuffle_seed)
 
 
 def _size(path: str) -> int:

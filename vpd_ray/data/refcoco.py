@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from vpd_ray.data.writer import SourceItem, UnreadableSourceError, encode_png, read_source
+from vpd_ray.data.writer import SourceItem, UnreadableSourceError, encode_png, read_source, shuffled
 
 
 class _DataOnlyUnpickler(pickle.Unpickler):
@@ -61,8 +61,10 @@ def load_ref(image_path: str, segmentation: Any, height: int, width: int, meta: 
     return {"jpg": image, "mask.png": encode_png(mask), "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
 
 
-def refcoco_items(root: str, dataset: str, split_by: str, split: str, images: str | None = None) -> list[SourceItem]:
-    """One item per ref of ``split``, keyed ``<dataset>_<split_by>_ref<ref_id>``, in ref-id order."""
+def refcoco_items(root: str, dataset: str, split_by: str, split: str, images: str | None = None,
+                  shuffle_seed: int | None = None) -> list[SourceItem]:
+    """One item per ref of ``split``, keyed ``<dataset>_<split_by>_ref<ref_id>``, in ref-id order or,
+    with ``shuffle_seed``, in that seed's :func:`~vpd_ray.data.writer.shuffled` order."""
     folder = os.path.join(root, dataset)
     refs_path = os.path.join(folder, f"refs({split_by}).p")
     if not os.path.isfile(refs_path):
@@ -89,4 +91,4 @@ def refcoco_items(root: str, dataset: str, split_by: str, split: str, images: st
         size = os.path.getsize(path) if os.path.exists(path) else 0
         items.append(SourceItem(key=f"{prefix}_{split_by}_ref{ref['ref_id']}", load=load, est_bytes=size + 2048,
                                 source=meta["source"]))
-    return items
+    return shuffled(items, shuffle_seed)

@@ -1,11 +1,12 @@
 """Writing webdataset shards: bounded size, atomic, resumable, parallel, with a manifest.
 
-A conversion is a deterministic list of :class:`SourceItem` (one per output sample). It is cut
-into shards by count and by estimated bytes *before* anything is read, so a re-run cuts it the
-same way: a shard whose final ``.tar`` exists is complete (it only ever appears by rename of a
-finished temp file) and is skipped, which is how an interrupted conversion resumes. Missing or
-unreadable sources are skipped, listed in the manifest and counted; more than ``max_missing``
-of them (a share) fails the conversion after the manifest is written.
+A conversion is a deterministic list of :class:`SourceItem` (one per output sample; train splits
+in the seeded order of :func:`shuffled`). It is cut into shards by count and by estimated bytes
+*before* anything is read, so a re-run cuts it the same way: a shard whose final ``.tar`` exists is
+complete (it only ever appears by rename of a finished temp file) and is skipped, which is how an
+interrupted conversion resumes; one that does not hold its planned keys, in order, is stale. Missing
+or unreadable sources are skipped, listed in the manifest and counted; more than ``max_missing`` of
+them (a share) fails the conversion after the manifest is written.
 
 Output: ``<out>/<prefix>-000000.tar ...`` and ``<out>/<prefix>.manifest.json``.
 """
@@ -99,6 +100,19 @@ def key_from_path(relpath: str) -> str:
     return stem.replace("/", "__").replace(".", "_")
 
 
+def shuffled(items: list[SourceItem], seed: int | None) -> list[SourceItem]:
+    """``items`` sorted by a hash of ``seed`` and each key (a seeded random order); as given if ``seed`` is None.
+
+    Train splits are written so because each training loader slot streams one contiguous range of
+    the shards: in list order (consecutive frames of one scene) its batches would hold a scene or
+    two, shuffled they are draws from the whole split. The order depends on the seed and the keys
+    only, not on an RNG stream a library update could change, so a re-run cuts the same shards.
+    """
+    if seed is None:
+        return items
+    return sorted(items, key=lambda item: hashlib.sha256(f"{seed}/{item.key}".encode("utf-8")).digest())
+
+
 def plan_shards(items: list[SourceItem], max_count: int, max_bytes: int) -> list[list[SourceItem]]:
     """Consecutive groups of at most ``max_count`` items and about ``max_bytes`` (an item is never split)."""
     if max_count < 1 or max_bytes < 1:
@@ -159,10 +173,12 @@ def existing_shard_record(path: str, items: list[SourceItem]) -> dict[str, Any]:
     planned = {item.key: item for item in items}
     keys = [key for key, _ in iter_raw_samples(path)]
     stray = [key for key in keys if key not in planned]
-    if stray:
-        raise ConversionError(f"{path} holds keys this conversion would not put there (e.g. {stray[0]}): it was "
-                              "written with other options or sources; delete the output folder or use the same options")
     present = set(keys)
+    if stray or keys != [key for key in planned if key in present]:
+        what = (f"keys this conversion would not put there (e.g. {stray[0]})" if stray
+                else "this conversion's keys in another order")
+        raise ConversionError(f"{path} holds {what}: it was written with other options or sources; delete the "
+                              "output folder or use the same options")
     missing = [{"key": k, "source": it.source, "reason": _absence_reason(it, path)}
                for k, it in planned.items() if k not in present]
     return _record(path, len(keys), missing)

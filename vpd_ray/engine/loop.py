@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from vpd_ray.engine import checkpoint as ckpt
 from vpd_ray.engine.evaluation import evaluate_task, to_device
 from vpd_ray.engine.optim import deepspeed_config, lr_factor, param_groups, set_lr
+from vpd_ray.paths import human_bytes
 
 # Progress goes through logging, not print: Ray Train's worker print patch both tees print to the
 # worker's stdout and logs it, so every printed line reached the driver twice.
@@ -93,15 +94,23 @@ class Trainer:
         import ray.train
         import ray.train.torch
 
-        from vpd_ray.config import grad_accum_steps, local_run_dir, to_yaml
+        from vpd_ray.config import batch_plan, local_run_dir, to_yaml
+        from vpd_ray.download import fetch_once_per_node
         from vpd_ray.package import architecture, build_model
 
         self.cfg, self.extra = cfg, loop_config
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+        self.run_dir = local_run_dir(cfg)
+        # From the real world size, so a restart on another worker count keeps the batch policy.
+        self.plan = batch_plan(cfg, self.world)
+        fetch_once_per_node(cfg, context.get_local_rank(), dist.barrier)
         _seed_everything(cfg.run.seed)  # identical initial weights on every rank
         model = build_model(cfg)
+        self.resume = _latest_checkpoint()
+        if self.resume is not None and self.resume.world_size != self.world:
+            self.resume.load_weights(model)  # before DeepSpeed copies them into its fp32 masters
         if cfg.train.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
         self.frozen = ckpt.frozen_state(model)
@@ -109,18 +118,19 @@ class Trainer:
         self.config_yaml = to_yaml(cfg)
         self.vae = detach_vae(model).to(self.device).float().eval()
         self.tasks = model.tasks
-        groups = param_groups(model.named_parameters(), cfg.train.lr, cfg.train.weight_decay, cfg.train.unet_lr_mult)
+        groups = param_groups(model.named_parameters(), self.plan.lr, cfg.train.weight_decay, cfg.train.unet_lr_mult)
         names = {id(p): n for n, p in model.named_parameters()}
         self.group_names = [[names[id(p)] for p in g["params"]] for g in groups]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999))
-        self.accum = grad_accum_steps(cfg)
-        micro = next(iter(cfg.tasks.values())).batch_size
+        optimizer = torch.optim.AdamW(groups, lr=self.plan.lr, betas=(0.9, 0.999))
+        self.accum = self.plan.accum
+        micro = next(iter(self.plan.micro.values()))
         ds_cfg = deepspeed_config(cfg, micro_batch=micro, grad_accum=self.accum)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
         self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
         self.state = RunState(epochs={name: 0 for name in cfg.tasks})
-        self.run_dir = local_run_dir(cfg)
         self.writer = None
+        if self.rank == 0:
+            log.info(f"[vpd] {self.world} workers: {self.plan.reason}")
 
     # --- pieces -----------------------------------------------------------------------------
     def forward(self, task_name: str, batch: dict[str, Any]) -> Any:
@@ -135,7 +145,7 @@ class Trainer:
 
         d = self.cfg.data
         return {
-            name: build_stream(task.cfg.train_shards, task.train_transform, train=True, batch_size=task.cfg.batch_size,
+            name: build_stream(task.cfg.train_shards, task.train_transform, train=True, batch_size=self.plan.micro[name],
                                seed=self.cfg.run.seed, fields=task.fields, num_workers=d.num_workers,
                                shuffle_buffer=d.shuffle_buffer, max_corrupt=d.max_corrupt,
                                start_epoch=self.state.epochs.get(name, 0))
@@ -204,31 +214,60 @@ class Trainer:
         """DeepSpeed shards (every rank, its own temp dir) + rank-0 files, barrier, same dir reported by all."""
         import ray.train
 
+        start = time.perf_counter()
         local = tempfile.mkdtemp(prefix=f"vpd_ckpt_rank{self.rank}_")
         self.engine.save_checkpoint(local, tag=ckpt.TAG)
         if self.rank == 0:
             meta = {**dataclasses.asdict(self.state), "zero_stage": int(self.cfg.deepspeed.zero_stage),
-                    "param_group_names": self.group_names, "metrics": metrics}
+                    "world_size": self.world, "param_group_names": self.group_names, "metrics": metrics}
             ckpt.write_rank0_files(local, meta, self.config_yaml, self.frozen, self.arch)
+        written = time.perf_counter() - start
+        own = _dir_bytes(local)
+        total = int(_all_reduce(torch.tensor([own], dtype=torch.float64, device=self.device)).item())
         dist.barrier()
         name = f"checkpoint_{self.state.step:08d}"
+        start = time.perf_counter()
         ray.train.report({**metrics, "step": self.state.step},
                          checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name)
         shutil.rmtree(local, ignore_errors=True)
+        if self.rank == 0:
+            self._event(f"{name}: {human_bytes(total)} over {self.world} ranks (rank 0 {human_bytes(own)}), "
+                        f"written in {written:.1f} s, persisted in {time.perf_counter() - start:.1f} s")
+
+    def save_weights(self) -> None:
+        """A weights-only checkpoint: a model package of the training weights (the engine's dtype) and
+        the frozen fp32 modules, in ``<run>/weights/step_N``; the latest ``weights_keep`` are kept."""
+        from vpd_ray.engine.weights import write_weights_package
+
+        start = time.perf_counter()
+        if self.cfg.deepspeed.zero_stage == 3:  # a collective: every rank gathers, rank 0 gets the dict
+            module = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            module = self.engine.module.state_dict() if self.rank == 0 else None
+        if self.rank == 0:
+            state = {**{k: v.detach().cpu() for k, v in module.items()}, **self.frozen}
+            name = f"step_{self.state.step:08d}"
+            size = write_weights_package(state, self.config_yaml, self.arch, self.cfg.run.storage_path,
+                                         f"{self.cfg.run.name}/weights", name, self.cfg.train.checkpoint.weights_keep)
+            self._event(f"weights/{name}: {human_bytes(size)} (weights only), written in "
+                        f"{time.perf_counter() - start:.1f} s")
+        dist.barrier()
 
     def restore(self) -> None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        """Continue from the run's latest checkpoint: DeepSpeed's full state on the same worker count;
+        on another count the consolidated weights were loaded before DeepSpeed started and the
+        optimizer starts fresh. Either way the step, the data epoch and so the LR schedule go on."""
+        if self.resume is None:
             return
-        with checkpoint.as_directory() as directory:
-            ckpt.assert_safe(directory)
-            self.engine.load_checkpoint(directory, tag=ckpt.TAG, load_module_strict=True)
-            meta = ckpt.read_meta(directory)
+        same = self.resume.world_size == self.world
+        if same:
+            self.resume.load_engine(self.engine)
+        meta = self.resume.meta
         self.state = RunState(step=meta["step"], epochs=meta["epochs"], nan_skips=meta["nan_skips"])
         if self.rank == 0:
-            self._event(f"resuming from checkpoint {checkpoint.path} at step {self.state.step}")
+            how = "" if same else (f" on {self.world} workers (saved by {self.resume.world_size}): consolidated "
+                                   "weights, fresh optimizer state (AdamW moments reset)")
+            self._event(f"resuming from checkpoint {self.resume.path} at step {self.state.step}{how}")
 
     def _event(self, line: str) -> None:
         """Rank 0: print, and append to ``<run dir>/events.log`` (restarts and resumes stay on record)."""
@@ -270,7 +309,7 @@ class Trainer:
         self.restore()
         streams = self._streams()
         iters = {name: iter(stream) for name, stream in streams.items()}
-        per_step = self.accum * self.world * next(iter(self.tasks.values())).cfg.batch_size
+        per_step = self.plan.global_batch
         tick, losses = time.perf_counter(), []
         while self.state.step < t.max_steps:
             losses.append(self.train_step(self.state.step, iters))
@@ -286,9 +325,53 @@ class Trainer:
                     log.info(f"[vpd] step {step} validation " + json.dumps(metrics))
                 self.save_and_report(metrics)
                 tick = time.perf_counter()
+            elif t.checkpoint.weights_every and step % t.checkpoint.weights_every == 0:
+                self.save_weights()
+                tick = time.perf_counter()
             self._maybe_fail(step)
         if self.writer is not None:
             self.writer.close()
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    """The latest checkpoint Ray Train hands a (re)started worker group, and how it was saved."""
+
+    path: str
+    checkpoint: Any  # ray.train.Checkpoint
+    meta: dict[str, Any]
+
+    @property
+    def world_size(self) -> int:
+        return self.meta["world_size"]
+
+    def load_engine(self, engine: Any) -> None:
+        with self.checkpoint.as_directory() as directory:
+            ckpt.assert_safe(directory)
+            engine.load_checkpoint(directory, tag=ckpt.TAG, load_module_strict=True)
+
+    def load_weights(self, model: torch.nn.Module) -> None:
+        """Consolidated fp32 weights of any ZeRO stage and worker count (the frozen modules included)."""
+        from vpd_ray.package import load_strict
+
+        with self.checkpoint.as_directory() as directory:
+            load_strict(model, ckpt.consolidated_state_dict(directory), source=directory)
+
+
+def _latest_checkpoint() -> ResumePoint | None:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        meta = ckpt.read_meta(directory)
+    meta.setdefault("world_size", ray.train.get_context().get_world_size())  # written before it was recorded
+    return ResumePoint(checkpoint.path, checkpoint, meta)
+
+
+def _dir_bytes(directory: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory) for f in files)
 
 
 def _seed_everything(seed: int) -> None:

@@ -31,8 +31,10 @@ class ReferConfig(TaskConfig):
 
     # CLIP text model: a transformers folder or hub id (SD v1: "<sd folder>/text_encoder"), or "tiny"
     # (seeded random 2-layer CLIP, one token per word of the synthetic sample, for the tiny backbone); required
-    text_encoder: str | None = None
-    tokenizer: str | None = None  # CLIP tokenizer folder or hub id; None: same as text_encoder
+    # metadata "weights": a path or hub id that vpd_ray.paths checks before training, except these names
+    text_encoder: str | None = dataclasses.field(default=None, metadata={"weights": (TINY,)})
+    # CLIP tokenizer folder or hub id; None: same as text_encoder
+    tokenizer: str | None = dataclasses.field(default=None, metadata={"weights": (TINY,)})
     max_tokens: int = 40  # context length T: 40 for RefCOCO / RefCOCO+, 77 for G-Ref
     image_size: int = 512  # images and masks are resized to this square
     decoder_hidden: int = 0  # decoder width; 0: half the coarsest feature's channels (640 for SD)
