@@ -19,6 +19,9 @@ from typing import Any, Iterable
 WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 SHARD_KEYS = ("train_shards", "val_shards", "test_shards")
 HUB_TIMEOUT_S = 10
+# ``remote`` prefixes that mark every path: for processes that must not re-check what the launch
+# checked already (Tune trials may run on a head node that does not mount the data).
+EVERY_PATH = ("",)
 
 
 @dataclasses.dataclass(frozen=True)

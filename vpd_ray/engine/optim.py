@@ -103,9 +103,11 @@ def deepspeed_config(cfg: Any, micro_batch: int, grad_accum: int) -> dict[str, A
         "wall_clock_breakdown": False,
     }
     if cfg.deepspeed.bf16:
-        # Buffers too (class embeddings, BatchNorm statistics): DeepSpeed >= 0.19 leaves them fp32
-        # by default, and a bf16 op then meets an fp32 operand (frozen.safetensors keeps fp32 copies).
-        ds["data_types"] = {"buffer_dtype": "bf16"}
+        # Parameters only: buffers stay fp32 (DeepSpeed >= 0.19's default, pinned here), since bf16
+        # BatchNorm running statistics would lose every update below ~0.3% of their value. Their users
+        # cast at the point of use: FP32BatchNorm2d normalises in fp32, and the backbone casts the text
+        # context (class-embedding rows) to its own dtype.
+        ds["data_types"] = {"buffer_dtype": "fp32"}
     if cfg.deepspeed.zero_stage == 3:
         # Gather a layer's shards right before use and keep nothing resident: the UNet is the bulk.
         ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 5e7})

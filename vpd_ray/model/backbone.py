@@ -201,6 +201,7 @@ class VPDBackbone(nn.Module):
         """Latents + raw text context ``[B,T,D]`` -> ``[f1, f2, f3, f4]`` (maps concatenated if asked)."""
         latents = latents.to(self.unet.dtype)  # the VAE may run outside the (bf16) engine in fp32
         timestep = torch.ones(latents.shape[0], dtype=torch.long, device=latents.device)
+        # class-embedding rows arrive fp32 (buffers stay fp32 under bf16): cast here, at the point of use
         context = self.text_adapter(context.to(self.text_adapter.gamma.dtype))
         if with_attention_maps:  # keep maps with h*w <= (padded side / divisor)^2; latent = side / 8
             request_maps(context, latents.shape[-2] * latents.shape[-1] * 64 // self.attn_map_divisor**2)

@@ -58,8 +58,8 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
 def load_sweep(path: str, overrides: list[str] = ()) -> DictConfig:
     """Schema <- YAML <- CLI overrides; CLI keys that are not sweep keys extend ``overrides``.
 
-    Checks the training config (with the sweep's overrides) and that every swept key exists in it,
-    so a typo fails here in one line, not in every trial.
+    Composes the training config (with the sweep's overrides) and checks that every swept key exists
+    in it, so a typo fails here in one line, not in every trial; ``vpd_ray.tune`` validates it.
     """
     from vpd_ray import config as train_config
 
@@ -80,7 +80,7 @@ def load_sweep(path: str, overrides: list[str] = ()) -> DictConfig:
         raise ConfigError(f"num_samples: {cfg.num_samples} must be >= 1")
     if cfg.mode is not None and cfg.mode not in ("min", "max"):
         raise ConfigError(f"mode: {cfg.mode!r} is not one of min, max")
-    base = train_config.load(cfg.train_config, list(cfg.overrides))
+    base = train_config.compose(cfg.train_config, list(cfg.overrides))  # paths: checked by the launch
     for key in cfg.search_space:
         if OmegaConf.select(base, key, default="<absent>") == "<absent>":
             raise ConfigError(f"search_space.{key}: no such key in {cfg.train_config}")

@@ -68,10 +68,12 @@ def run_trial(config: dict[str, Any], sweep: DictConfig) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from vpd_ray.config import load
+    from vpd_ray.paths import EVERY_PATH
     from vpd_ray.train import build_trainer
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = load(sweep.train_config, trial_overrides(sweep, config, trial_id))
+    # Paths were checked at launch; a trial's process may run on a node that does not mount them.
+    cfg = load(sweep.train_config, trial_overrides(sweep, config, trial_id), remote=EVERY_PATH)
     trainer = build_trainer(cfg)
     # build_trainer has no callbacks argument; its RunConfig always holds a list after construction.
     trainer.run_config.callbacks.append(TuneReportCallback())
@@ -132,6 +134,7 @@ def write_outputs(sweep: DictConfig, base: DictConfig, result_grid: Any) -> dict
     """The trial table, plot, best YAML and best package; returns the best trial's row."""
     from vpd_ray.config import load, to_yaml
     from vpd_ray.export import export_checkpoint
+    from vpd_ray.paths import EVERY_PATH
     from vpd_ray.sweep.config import metric_and_mode, reports_per_trial
 
     out = os.path.join(sweep.storage_path, sweep.name)
@@ -149,6 +152,6 @@ def write_outputs(sweep: DictConfig, base: DictConfig, result_grid: Any) -> dict
                       space.format_override("run.name", f"{sweep.name}-best")]
     with open(os.path.join(out, "best.yaml"), "w") as f:
         f.write(f"# best of sweep {sweep.name}: trial {best['trial_id']}, {metric} = {best[metric]:.6g}\n")
-        f.write(to_yaml(load(sweep.train_config, best_overrides)))
+        f.write(to_yaml(load(sweep.train_config, best_overrides, remote=EVERY_PATH)))
     export_checkpoint(os.path.join(out, TRIALS_DIR, best["trial_id"]), os.path.join(out, "best_package"))
     return best

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpd_ray.model.heads.norm import FP32BatchNorm2d
+
 
 class DepthDecoder(nn.Module):
     """3 x [ConvTranspose2d k2 s2, BN, ReLU] -> conv3x3, BN, ReLU -> bilinear x2, x2 (stride 32 -> 1)."""
@@ -23,12 +25,12 @@ class DepthDecoder(nn.Module):
         for i in range(num_deconv):
             layers += [
                 nn.ConvTranspose2d(in_dim if i == 0 else filters, filters, 2, stride=2, bias=False),
-                nn.BatchNorm2d(filters),
+                FP32BatchNorm2d(filters),
                 nn.ReLU(inplace=True),
             ]
         self.deconv_layers = nn.Sequential(*layers)
         self.conv_layers = nn.Sequential(
-            nn.Conv2d(filters, out_dim, 3, padding=1), nn.BatchNorm2d(out_dim), nn.ReLU(inplace=True)
+            nn.Conv2d(filters, out_dim, 3, padding=1), FP32BatchNorm2d(out_dim), nn.ReLU(inplace=True)
         )
         self._init_weights()
 

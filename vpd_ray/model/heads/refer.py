@@ -16,15 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpd_ray.model.heads.norm import FP32BatchNorm2d
+
 
 def _fuse_block(in_ch: int, hidden: int) -> nn.Sequential:
     """Two conv3x3 (no bias) + BN + ReLU, the reference's ``convX_k / bnX_k / reluX_k`` pair."""
     return nn.Sequential(
         nn.Conv2d(in_ch, hidden, 3, padding=1, bias=False),
-        nn.BatchNorm2d(hidden),
+        FP32BatchNorm2d(hidden),
         nn.ReLU(),
         nn.Conv2d(hidden, hidden, 3, padding=1, bias=False),
-        nn.BatchNorm2d(hidden),
+        FP32BatchNorm2d(hidden),
         nn.ReLU(),
     )
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpd_ray.model.heads.norm import FP32BatchNorm2d
+
 
 class FPNNeck(nn.Module):
     """mmseg ``FPN`` (no norm, nearest top-down upsampling): ``C_i`` channels -> ``out_channels`` each."""
@@ -39,7 +41,7 @@ class FPNNeck(nn.Module):
 def _conv_bn_relu(in_ch: int, out_ch: int) -> nn.Sequential:
     conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # mmcv ConvModule default
-    return nn.Sequential(conv, nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+    return nn.Sequential(conv, FP32BatchNorm2d(out_ch), nn.ReLU(inplace=True))
 
 
 class FPNHead(nn.Module):
