@@ -276,3 +276,38 @@ def test_resume_on_fewer_workers_continues_steps_and_schedule(ray_cluster, tmp_p
     assert weights == ["step_00000002", "step_00000006"]  # weights_keep=2; steps 4 and 8 are full checkpoints
     model, _ = load_package(os.path.join(run_dir, "weights", "step_00000006"))
     assert any(k.startswith("backbone.vae.") for k in model.state_dict())
+
+
+def test_paths_only_the_workers_see_are_checked_on_a_worker(ray_cluster, tmp_path, monkeypatch):
+    """A head node without the data mount: the driver cannot see the shards, a worker node can."""
+    from vpd_ray.config import ConfigError, deferred_checks
+    from vpd_ray.preflight import check_on_worker
+
+    cluster = tmp_path / "cluster-data"
+    cluster.mkdir()
+    for name in ("depth-train-000000.tar", "depth-train-000001.tar", "depth-train.manifest.json"):
+        shutil.copy(os.path.join("shards", "sample", name), cluster / name)
+    seen_by_driver = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: not str(p).startswith(str(cluster)) and seen_by_driver(p))
+    shards = [f"tasks.depth.train_shards={cluster}/depth-train-{{000000..000001}}.tar"]
+    with pytest.raises(ConfigError, match="shards not found"):
+        load("configs/sample.yaml", shards)  # checked here, as without --remote-check
+    cfg = load("configs/sample.yaml", shards, remote=(str(cluster),))
+    assert check_on_worker(cfg, deferred_checks(cfg, remote=(str(cluster),))) == []
+    typo = load("configs/sample.yaml", [f"tasks.depth.train_shards={cluster}/depth-trian-{{000000..000001}}.tar"],
+                remote=(str(cluster),))
+    assert check_on_worker(typo, deferred_checks(typo, remote=(str(cluster),))) == [
+        f"tasks.depth.train_shards: 2 of 2 shards not found, first: {cluster}/depth-trian-000000.tar"]
+
+
+def test_cli_missing_remote_path_is_one_line_and_exit_2(ray_cluster, tmp_path):
+    missing = tmp_path / "cluster-data"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vpd_ray.train", "configs/sample.yaml", f"run.storage_path={tmp_path}/runs",
+         f"tasks.depth.train_shards={missing}/depth-train-{{000000..000001}}.tar", "--remote-check", str(missing)],
+        capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert errors == [f"config error: tasks.depth.train_shards: 2 of 2 shards not found, first: "
+                      f"{missing}/depth-train-000000.tar"], proc.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()  # nothing written before the check
