@@ -1,10 +1,12 @@
-"""``python -m vpd_ray.train CONFIG [key=value ...]``: the product's main job.
+"""``python -m vpd_ray.train CONFIG [key=value ...] [--dry-run] [--remote-check [PREFIX]]``: the main job.
 
-Validates the config (one line, exit 2, before any worker starts), prints and saves it in the run
-directory ``<run.storage_path>/<run.name>`` (a local one if the storage is remote), runs a Ray Train ``TorchTrainer`` over
-:func:`vpd_ray.engine.loop.train_loop`, and writes a model package of the best checkpoint to
-``<run dir>/package``. Re-running with the same ``run.name`` and ``run.storage_path`` resumes
-from the run's latest checkpoint (Ray Train v2 has no ``resume_from_checkpoint``).
+Validates the config (one line, exit 2, before any worker starts), prints the plan
+(:mod:`vpd_ray.plan`; ``--dry-run`` stops there), checks the paths only the workers see on a worker
+node (``--remote-check``, :mod:`vpd_ray.preflight`), saves the config in the run directory
+``<run.storage_path>/<run.name>`` (a local one if the storage is remote), runs a Ray Train
+``TorchTrainer`` over :func:`vpd_ray.engine.loop.train_loop`, and writes a model package of the best
+checkpoint to ``<run dir>/package``. Re-running with the same ``run.name`` and ``run.storage_path``
+resumes from the run's latest checkpoint (Ray Train v2 has no ``resume_from_checkpoint``).
 
 Test hook: ``VPD_FAIL_ONCE_AT_STEP=N`` makes the last worker exit once after step N.
 """
