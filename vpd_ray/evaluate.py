@@ -6,6 +6,8 @@ Runs every task's test protocol on its ``test_shards`` (from CONFIG), split over
 
 ``PATH`` is a model package (``vpd_ray.export``), a training checkpoint or run directory, or the
 authors' released depth ``.pth`` (loaded into the model CONFIG describes, every key reported).
+A checkpoint or run directory is consolidated once, in one Ray task, and its fp32 weights reach
+every worker through the object store; a package is read by each worker (safetensors, mmapped).
 """
 
 from __future__ import annotations
@@ -23,26 +25,83 @@ from omegaconf import DictConfig, OmegaConf
 SEED_ROW = (("rmse", "RMSE"), ("d1", "d1"), ("d2", "d2"), ("d3", "d3"), ("abs_rel", "REL"), ("log10", "log10"))
 
 
-def load_model(cfg: DictConfig, path: str) -> Any:
-    """A ``VPDModel`` with the weights at ``path`` (package, checkpoint / run dir, or authors' .pth)."""
+def load_model(cfg: DictConfig, path: str, weights: Any = None) -> Any:
+    """A ``VPDModel`` with the weights at ``path`` (package, checkpoint / run dir, or authors' .pth).
+
+    A checkpoint or run directory is consolidated here, unless ``weights`` (the ObjectRef of
+    :func:`share_checkpoint`) holds it consolidated already: then ``path`` is not even looked at.
+    """
     from vpd_ray.package import WEIGHTS, build_model, load_package
 
+    if weights is not None:
+        import ray
+
+        return model_from_weights(ray.get(weights))
     if os.path.isfile(os.path.join(path, WEIGHTS)):
         return load_package(path)[0]
     if os.path.isdir(path):
-        from vpd_ray.engine.checkpoint import CONFIG, consolidated_state_dict
-        from vpd_ray.export import find_checkpoint
-        from vpd_ray.package import load_config, load_strict, read_architecture
-
-        directory = find_checkpoint(path)
-        model = build_model(load_config(os.path.join(directory, CONFIG)), read_architecture(directory))
-        load_strict(model, consolidated_state_dict(directory), source=directory)
-        return model.eval()
+        return model_from_weights(consolidated_weights(path))
     from vpd_ray.model.checkpoint import load_vpd_depth_checkpoint
 
     model = build_model(cfg)
     print(load_vpd_depth_checkpoint(path, model).summary(), flush=True)
     return model.eval()
+
+
+def consolidated_weights(path: str) -> dict[str, Any]:
+    """The checkpoint at ``path`` (or the best of a run) as plain data that rebuilds the model.
+
+    ``{"source": directory, "config": resolved config dict, "architecture": ..., "state": {name: fp32
+    ndarray}}``: numpy arrays, because the object store hands those to every process of a node
+    zero-copy from shared memory (torch tensors would be copied out per worker).
+    """
+    from vpd_ray.engine.checkpoint import CONFIG, consolidated_state_dict
+    from vpd_ray.export import find_checkpoint
+    from vpd_ray.package import load_config, read_architecture
+
+    directory = find_checkpoint(path)
+    return {"source": directory,
+            "config": OmegaConf.to_container(load_config(os.path.join(directory, CONFIG)), resolve=True),
+            "architecture": read_architecture(directory),
+            "state": {name: t.numpy() for name, t in consolidated_state_dict(directory).items()}}
+
+
+def model_from_weights(weights: dict[str, Any]) -> Any:
+    """The eval-mode ``VPDModel`` of :func:`consolidated_weights`' dict, loaded strictly."""
+    import warnings
+
+    import torch
+
+    from vpd_ray.config import from_container
+    from vpd_ray.package import build_model, load_strict
+
+    model = build_model(from_container(weights["config"]), weights["architecture"])
+    with warnings.catch_warnings():  # read-only shared memory; load_state_dict only copies from it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        state = {name: torch.from_numpy(array) for name, array in weights["state"].items()}
+    load_strict(model, state, source=weights["source"])
+    return model.eval()
+
+
+def _consolidation_task(path: str) -> tuple[str, dict[str, Any]]:
+    """Ray task: ``(source, weights)``; the small first return lets the driver see the outcome (or
+    the error) without fetching the weights."""
+    weights = consolidated_weights(path)
+    return weights["source"], weights
+
+
+def share_checkpoint(path: str) -> Any:
+    """Consolidate the checkpoint or run at ``path`` once, in one Ray task (where the storage is: the
+    driver needs neither the files nor the RAM); returns the ObjectRef of its weights.
+
+    Returns once the task is done, so eval workers that wait on the ref cannot hold the CPUs the
+    task needs.
+    """
+    import ray
+
+    source, weights = ray.remote(num_cpus=1, num_returns=2)(_consolidation_task).remote(path)
+    print(f"consolidated {ray.get(source)} once; the eval workers share it through the object store", flush=True)
+    return weights
 
 
 def eval_loop(loop_config: dict[str, Any]) -> None:
@@ -57,7 +116,7 @@ def eval_loop(loop_config: dict[str, Any]) -> None:
 
     cfg = from_container(loop_config["config"])
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
-    model = load_model(cfg, loop_config["checkpoint"]).to(device)
+    model = load_model(cfg, loop_config["checkpoint"], loop_config.get("weights")).to(device)
     metrics = {}
     for name, section in cfg.tasks.items():
         task = model.tasks[name]
@@ -79,11 +138,18 @@ def evaluate(cfg: DictConfig, checkpoint: str) -> dict[str, float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from vpd_ray.package import WEIGHTS
+
     if not ray.is_initialized():
         ray.init()
+    checkpoint = os.path.abspath(checkpoint)
+    loop_config = {"config": OmegaConf.to_container(cfg, resolve=True), "checkpoint": checkpoint}
+    # A checkpoint or run dir is consolidated once for all workers; a package each worker mmaps itself.
+    if os.path.isdir(checkpoint) and not os.path.isfile(os.path.join(checkpoint, WEIGHTS)):
+        loop_config["weights"] = share_checkpoint(checkpoint)
     trainer = TorchTrainer(
         eval_loop,
-        train_loop_config={"config": OmegaConf.to_container(cfg, resolve=True), "checkpoint": os.path.abspath(checkpoint)},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=dict(cfg.scaling.resources_per_worker) or None),
         run_config=RunConfig(name=f"{cfg.run.name}-eval-{int(time.time())}", storage_path=cfg.run.storage_path),

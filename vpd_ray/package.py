@@ -10,8 +10,10 @@ architecture, and the weights are loaded strictly.
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Any
+import struct
+from typing import Any, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -79,38 +81,82 @@ def load_config(path: str) -> DictConfig:
     return compose(path)
 
 
-def export_package(state_dict: dict[str, torch.Tensor], config_yaml: str, arch: dict[str, Any], out_dir: str) -> str:
-    """Write ``state_dict`` (fp32, contiguous) and the config; returns ``out_dir``.
+def export_package(state_dict: Mapping[str, Any], config_yaml: str, arch: dict[str, Any], out_dir: str) -> str:
+    """Write the weights (fp32) and the config; returns ``out_dir``.
 
-    The weights are checked against a model built from the config first, so a package that
-    ``load_package`` would reject is never written.
+    ``state_dict`` maps names to tensors or to lazy tensors (anything with ``.shape`` and a
+    ``.contiguous()`` that yields the values: DeepSpeed's ``GatheredTensor``, mmapped tensors, see
+    :func:`vpd_ray.engine.checkpoint.lazy_state_dict`). The names and shapes are checked against the
+    model built on the meta device first, so a package that ``load_package`` would reject is never
+    written, and the weights are then streamed tensor by tensor: peak memory is one tensor, not a
+    second and third copy of the model. ``model.safetensors`` is written last, under a temporary
+    name renamed into place, so it only appears complete.
     """
-    from safetensors.torch import save_file
+    from vpd_ray.config import compose
 
+    cfg = compose(base=OmegaConf.to_container(OmegaConf.create(config_yaml)))
+    with torch.device("meta"):
+        own = build_model(cfg, arch).state_dict()
+    check_fits(own, state_dict, source="the consolidated checkpoint")
     os.makedirs(out_dir, exist_ok=True)
-    config_path = os.path.join(out_dir, CONFIG)
-    with open(config_path, "w") as f:
+    with open(os.path.join(out_dir, CONFIG), "w") as f:
         f.write(config_yaml)
     write_architecture(out_dir, arch)
-    model = build_model(load_config(config_path), arch)
-    load_strict(model, state_dict, source="the consolidated checkpoint")
-    tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, os.path.join(out_dir, WEIGHTS), metadata={"format": "vpd_ray"})
+    write_safetensors(os.path.join(out_dir, WEIGHTS), state_dict, metadata={"format": "vpd_ray"})
     return out_dir
 
 
-def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with one readable error listing what is missing, unexpected or mis-shaped."""
-    own = model.state_dict()
+def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` of ``tensors`` cast to fp32, with the same bytes, one tensor at a time.
+
+    The format: 8-byte little-endian header length, a compact JSON header (``__metadata__`` first,
+    then the tensors by name with dtype, shape and ``data_offsets``), space-padded to 8 bytes, then
+    the raw data in header order. ``save_file`` sorts by dtype then name; all here are F32. The file
+    is written as ``<path>.tmp-<pid>`` and renamed into place (removed on any error).
+    """
+    names = sorted(tensors)
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in names:
+        shape = [int(n) for n in tensors[name].shape]
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for name in names:
+                tensor = tensors[name].contiguous().detach().float()  # this one tensor in memory
+                if list(tensor.shape) != header[name]["shape"]:  # a lazy tensor that lied would shift every offset
+                    raise ValueError(f"{name}: values of shape {tuple(tensor.shape)}, "
+                                     f"announced {tuple(header[name]['shape'])}")
+                f.write(tensor.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, no copy
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def check_fits(own: Mapping[str, Any], state_dict: Mapping[str, Any], source: str) -> None:
+    """One readable error listing what is missing, unexpected or mis-shaped (``own``: the model's state)."""
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state_dict and state_dict[k].shape != own[k].shape]
+              if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
         raise ValueError(
             f"weights from {source} do not fit the model: {len(missing)} missing {missing[:3]}, "
             f"{len(unexpected)} unexpected {unexpected[:3]}, {len(shapes)} mis-shaped {shapes[:3]}"
         )
+
+
+def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with one readable error listing what is missing, unexpected or mis-shaped."""
+    check_fits(model.state_dict(), state_dict, source)
     model.load_state_dict(state_dict, strict=True)
 
 

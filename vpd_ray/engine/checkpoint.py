@@ -18,9 +18,10 @@ without running it and refuses any global outside DeepSpeed's three bookkeeping 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -90,19 +91,111 @@ def read_meta(directory: str) -> dict[str, Any]:
 
 
 def _stage0_fp32(directory: str, group_names: list[list[str]]) -> dict[str, torch.Tensor]:
-    """ZeRO-0 + bf16 keeps fp32 masters in the optimizer's ``fp32_groups``, in param-group order."""
+    """ZeRO-0 + bf16 keeps fp32 masters in the optimizer's ``fp32_groups``, in param-group order.
+
+    The file is mmapped: the tensors are views of it, read when used (buffers stay in their saved dtype).
+    """
     import deepspeed.utils.tensor_fragment  # noqa: F401  (classes named in the pickle)
 
-    states = torch.load(os.path.join(directory, TAG, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
-    module = {k: v.float() for k, v in states["module"].items()}
+    path = os.path.join(directory, TAG, "mp_rank_00_model_states.pt")
+    states = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    module = dict(states["module"])
     fp32_groups = states["optimizer"].get("fp32_groups") if isinstance(states.get("optimizer"), dict) else None
     if fp32_groups is None:  # fp32 training: the module weights are the masters
         return module
     for names, tensors in zip(group_names, fp32_groups):
         if len(names) != len(tensors):
             raise ValueError(f"{directory}: param-group sizes {len(names)} != {len(tensors)} saved masters")
-        module.update({name: t.detach().float() for name, t in zip(names, tensors)})
+        module.update({name: t.detach() for name, t in zip(names, tensors)})
     return module
+
+
+class _Lazy:
+    """A tensor read when asked for: ``shape`` now, the values from ``contiguous()`` (GatheredTensor's interface)."""
+
+    def __init__(self, shape: torch.Size, read: Callable[[], torch.Tensor]):
+        self.shape, self._read = shape, read
+
+    def contiguous(self) -> torch.Tensor:
+        return self._read()
+
+
+def _gather(parts: list[torch.Tensor], offset: int, shape: torch.Size) -> torch.Tensor:
+    """The ``shape`` tensor at ``offset`` of the concatenation of ``parts`` (1-d), reading only its slices."""
+    end, start, pieces = offset + shape.numel(), 0, []
+    for part in parts:
+        lo, hi = max(offset, start), min(end, start + part.numel())
+        if lo < hi:
+            pieces.append(part[lo - start : hi - start])
+        start += part.numel()
+    return torch.cat(pieces).view(shape)
+
+
+def _zero12_fp32(directory: str) -> dict[str, Any]:
+    """ZeRO-1/2: every trainable tensor gathered from the ranks' mmapped fp32 partitions when asked for.
+
+    DeepSpeed's own lazy mode concatenates each param group's partitions first (the whole fp32
+    model in memory) after reading the model states without mmap (the whole bf16 module); here
+    both files stay mmapped and one tensor at a time is copied. DeepSpeed's layout: a param group
+    is its ranks' ``single_partition_of_fp32_groups`` end to end, the params in ``param_shapes``
+    order, each followed by its alignment padding, the total padded to a multiple of 2 x world.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_optim_files, parse_optim_states
+
+    ds_dir = os.path.join(directory, TAG)
+    states = torch.load(os.path.join(ds_dir, "mp_rank_00_model_states.pt"), map_location="cpu", mmap=True,
+                        weights_only=False)
+    _, world, flat_groups, paddings = parse_optim_states(get_optim_files(ds_dir), ds_dir)
+    state = {k: v for k, v in states["module"].items() if k in states["buffer_names"]}
+    state.update({k: states["frozen_param_fragments"][k] for k in states.get("frozen_param_shapes") or {}})
+    for group, shapes in enumerate(states["param_shapes"]):
+        parts = [rank[group] for rank in flat_groups]  # world x (partition,)
+        offset = 0
+        for i, (name, shape) in enumerate(shapes.items()):
+            shape = torch.Size(shape)
+            state[name] = _Lazy(shape, functools.partial(_gather, parts, offset, shape))
+            offset += shape.numel() + (paddings[group][i] if paddings is not None else 0)
+        saved = sum(p.numel() for p in parts)
+        if -(-offset // (2 * world)) != -(-saved // (2 * world)):
+            raise ValueError(f"{ds_dir}: param group {group} saves {saved} values, its params take {offset}: "
+                             "not the ZeRO-1/2 layout of DeepSpeed 0.19")
+    for alias, name in states["shared_params"].items():
+        if name in state:
+            state[alias] = state[name]
+    return state
+
+
+def _frozen_lazy(path: str) -> dict[str, _Lazy]:
+    """The entries of ``frozen.safetensors``, each read (one tensor) when used."""
+    from safetensors import safe_open
+
+    handle = safe_open(path, framework="pt")  # kept open by the closures below
+    return {name: _Lazy(torch.Size(handle.get_slice(name).get_shape()), functools.partial(handle.get_tensor, name))
+            for name in handle.keys()}
+
+
+def lazy_state_dict(directory: str) -> dict[str, Any]:
+    """:func:`consolidated_state_dict` with nothing read yet, for streaming it (``vpd_ray.export``).
+
+    Each value has ``.shape`` and ``.contiguous()``, which reads that one tensor (call ``.float()``
+    on it: module buffers keep their saved dtype) from the mmapped shards: views of the ZeRO-0 model
+    states, gathers of the ZeRO-1/2 partitions, DeepSpeed's ``GatheredTensor`` for ZeRO-3, the
+    frozen modules from ``frozen.safetensors``.
+    """
+    if not is_checkpoint(directory):
+        raise FileNotFoundError(f"{directory} is not a vpd_ray checkpoint (no {META} / {TAG}/)")
+    assert_safe(directory)  # before anything is unpickled with weights_only=False
+    meta = read_meta(directory)
+    if meta["zero_stage"] == 0:
+        state = _stage0_fp32(directory, meta["param_group_names"])
+    elif meta["zero_stage"] in (1, 2):
+        state = _zero12_fp32(directory)
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(directory, tag=TAG, lazy_mode=True)
+    state.update(_frozen_lazy(os.path.join(directory, FROZEN)))
+    return state
 
 
 def consolidated_state_dict(directory: str) -> dict[str, torch.Tensor]:
@@ -111,17 +204,5 @@ def consolidated_state_dict(directory: str) -> dict[str, torch.Tensor]:
     Trainable parameters come from the fp32 masters, buffers from DeepSpeed's module state,
     frozen modules from ``frozen.safetensors`` (they win: DeepSpeed only ever held bf16 copies).
     """
-    from safetensors.torch import load_file
-
-    if not is_checkpoint(directory):
-        raise FileNotFoundError(f"{directory} is not a vpd_ray checkpoint (no {META} / {TAG}/)")
-    assert_safe(directory)
-    meta = read_meta(directory)
-    if meta["zero_stage"] == 0:
-        state = _stage0_fp32(directory, meta["param_group_names"])
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(directory, tag=TAG).items()}
-    state.update(load_file(os.path.join(directory, FROZEN)))
-    return state
+    # detach: DeepSpeed pickles its masters as Parameters, so their gathers require grad
+    return {name: value.contiguous().detach().float() for name, value in lazy_state_dict(directory).items()}
