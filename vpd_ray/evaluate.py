@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -172,18 +171,34 @@ def seed_rows(metrics: dict[str, float]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from vpd_ray.config import load_or_exit
+    import ray
+
+    from vpd_ray import launch
+    from vpd_ray.config import deferred_checks, exit_config_error, load_or_exit
+    from vpd_ray.paths import PathCheck, is_remote, problem
+    from vpd_ray.plan import describe_evaluation
 
     parser = argparse.ArgumentParser(prog="python -m vpd_ray.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML config whose tasks name test_shards")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     parser.add_argument("--checkpoint", required=True, help="package, checkpoint/run dir, or the authors' .pth")
     parser.add_argument("--out", default=None, help="JSON file to write (default: <checkpoint>.eval.json)")
+    launch.add_arguments(parser)
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after --checkpoint
-    cfg = load_or_exit(args.config, args.overrides, need=("test_shards",))
-    if not os.path.exists(args.checkpoint):
-        print(f"config error: --checkpoint: path not found: {args.checkpoint}", file=sys.stderr)
-        sys.exit(2)
+    remote = launch.remote_prefixes(args)
+    cfg = load_or_exit(args.config, args.overrides, need=("test_shards",), remote=remote)
+    checkpoint = PathCheck("--checkpoint", "path", args.checkpoint)
+    deferred = deferred_checks(cfg, need=("test_shards",), remote=remote)
+    if is_remote(checkpoint, remote):
+        deferred.append(checkpoint)
+    elif problem(checkpoint):
+        exit_config_error(problem(checkpoint))
+    launch.show(describe_evaluation(cfg, args.checkpoint))
+    if args.dry_run:
+        launch.finish_dry_run(deferred)
+    if not ray.is_initialized():
+        ray.init()
+    launch.check_remote_paths(cfg, deferred)
     metrics = evaluate(cfg, args.checkpoint)
     for row in seed_rows(metrics):
         print(row)

@@ -123,15 +123,15 @@ def checkpoint_sizes(counts: ModelCounts, workers: int, bf16: bool) -> Checkpoin
                            weights_only=module + frozen)
 
 
-def train_samples(cfg: DictConfig) -> dict[str, int | None]:
-    """Per task, the train split's sample count from the manifests visible here (None: not visible)."""
+def split_samples(cfg: DictConfig, key: str = "train_shards") -> dict[str, int | None]:
+    """Per task, the sample count of split ``key`` from the manifests visible here (None: not visible)."""
     from vpd_ray.data.tario import read_manifest
     from vpd_ray.paths import expand_urls
 
     counts = {}
     for name, task in cfg.tasks.items():
         total, seen = 0, {}
-        for url in expand_urls(task.train_shards) if task.train_shards else []:
+        for url in expand_urls(task[key]) if task[key] else []:
             group = url.rsplit("-", 1)[0]
             if group not in seen:
                 try:
@@ -144,12 +144,30 @@ def train_samples(cfg: DictConfig) -> dict[str, int | None]:
                 total = None
                 break
             total += count
-        counts[name] = total if task.train_shards else None
+        counts[name] = total if task[key] else None
     return counts
 
 
 def _millions(n: int) -> str:
     return f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
+
+
+def describe_evaluation(cfg: DictConfig, checkpoint: str) -> list[str]:
+    """The plan of ``python -m vpd_ray.evaluate``: workers, model, test samples, what is loaded."""
+    from vpd_ray.package import WEIGHTS
+
+    lines = describe(cfg, training=False)
+    for name, samples in split_samples(cfg, "test_shards").items():
+        count = f"{samples} samples" if samples else "samples unknown (no manifest visible here)"
+        lines.append(f"test: tasks.{name}: {count}, batch {cfg.tasks[name].eval_batch_size} per worker")
+    if os.path.isfile(os.path.join(checkpoint, WEIGHTS)):
+        kind = "a model package, read by every worker"
+    elif os.path.isdir(checkpoint):
+        kind = "a checkpoint or run directory, consolidated once in a Ray task and shared"
+    else:
+        kind = "a weights file in the authors' layout, loaded by every worker" if os.path.exists(checkpoint) else "on the cluster"
+    lines.append(f"checkpoint: {checkpoint} ({kind})")
+    return lines
 
 
 def describe(cfg: DictConfig, workers: int | None = None, training: bool = True) -> list[str]:
@@ -169,10 +187,10 @@ def describe(cfg: DictConfig, workers: int | None = None, training: bool = True)
     plan = batch_plan(cfg, workers)
     lines.append(f"batch: {plan.reason}")
     lines.append(f"lr: {plan.lr:.3g} (train.lr {t.lr:.3g} x {plan.lr_factor:.4g}), schedule {t.schedule.kind}")
-    for name, samples in train_samples(cfg).items():
+    for name, samples in split_samples(cfg).items():
         seen = t.max_steps * plan.micro[name] * workers * plan.accum
         if len(cfg.tasks) > 1:
-            seen = int(seen * cfg.tasks[name].ratio / sum(s.ratio for s in cfg.tasks.values()))
+            seen = int(seen * cfg.tasks[name].batch_share / sum(s.batch_share for s in cfg.tasks.values()))
         epochs = f"= {seen / samples:.1f} epochs of {samples}" if samples else "(epochs unknown: no manifest visible here)"
         lines.append(f"steps: {t.max_steps} (train.max_steps), tasks.{name}: {seen} samples {epochs}")
     sizes = checkpoint_sizes(counts, workers, cfg.deepspeed.bf16)
