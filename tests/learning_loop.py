@@ -5,9 +5,10 @@ transforms, loss, test protocol and metric via ``evaluate_task``, the trainer's 
 without Ray and DeepSpeed, whose start-up would cost more than the learning itself on a 2-core CI
 machine; the Ray Train path has its own end-to-end tests (``tests/test_train.py``).
 
-A multitask step sums each task's weighted loss over one batch per task: the backbone runs once per
-task batch, with that task's context. Runs on one intra-op thread: for the tiny model a second
-thread costs 3x the CPU time and is slower on a shared 2-core machine.
+Each step is the product's own (:class:`vpd_ray.engine.step.Stepper`) over a plain-torch engine: a
+multitask step accumulates one micro-batch per task on average, each drawn by ``batch_share``, as in the
+trainer. Runs on one intra-op thread: for the tiny model a second thread costs 3x the CPU time and
+is slower on a shared 2-core machine.
 """
 
 from __future__ import annotations
@@ -47,12 +48,14 @@ def build(tasks: dict[str, Any], seed: int = 0):
 
 def train(model, steps: int, lr: float, batch_size: int = 4, unet_lr_mult: float = 0.1, seed: int = 0,
           grad_clip: float | None = None) -> list[float]:
-    """``steps`` AdamW steps over every task of ``model``; returns the summed loss per step.
+    """``steps`` AdamW optimizer steps of the product's stepper; returns the mean loss per step.
 
-    ``grad_clip``: clip the global gradient norm, as the trainer's ``train.grad_clip`` does.
+    A step accumulates one micro-batch per task of ``model`` (so a two-task model sees, on average,
+    one batch of each per step). ``grad_clip``: clip the global gradient norm, as ``train.grad_clip``.
     """
     from vpd_ray.data.pipeline import build_stream
     from vpd_ray.engine.optim import param_groups
+    from vpd_ray.engine.step import Stepper, TorchEngine
 
     iters = {
         name: iter(build_stream(sample_urls(name, "train"), task.train_transform, train=True, batch_size=batch_size,
@@ -60,25 +63,12 @@ def train(model, steps: int, lr: float, batch_size: int = 4, unet_lr_mult: float
         for name, task in model.tasks.items()
     }  # fmt: skip
     optimizer = torch.optim.AdamW(param_groups(model.named_parameters(), lr, 0.01, unet_lr_mult), lr=lr)
+    accum = len(model.tasks)
+    stepper = Stepper(TorchEngine(model, optimizer, accum=accum, grad_clip=grad_clip or 0.0), model.tasks,
+                      model.backbone.encode, accum=accum, seed=seed)
     model.train()
-    losses = []
     with one_thread():
-        for _ in range(steps):
-            losses.append(_step(model, iters, optimizer, grad_clip))
-    return losses
-
-
-def _step(model, iters: dict[str, Any], optimizer, grad_clip: float | None) -> float:
-    loss = 0.0
-    for name, task in model.tasks.items():
-        batch = next(iters[name])
-        loss = loss + task.loss(model(name, batch), batch) * task.cfg.loss_weight
-    optimizer.zero_grad()
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    return float(loss.detach())
+        return [stepper.step(step, iters) for step in range(steps)]
 
 
 @torch.no_grad()

@@ -156,7 +156,7 @@ def test_warmup_poly_schedule():
 
 
 def test_nan_policy_names_the_step():
-    from vpd_ray.engine.loop import check_nan_policy
+    from vpd_ray.engine.step import check_nan_policy
 
     check_nan_policy(2, "skip", 3, step=7, task_name="depth")  # skipped, no error
     with pytest.raises(FloatingPointError, match="step 7 .task depth.*nan_policy=stop"):

@@ -108,7 +108,7 @@ def _share_balanced(cat_max_ratio: float) -> float:
     image = np.zeros((32, 128, 3), dtype=np.uint8)
     ok = 0
     for seed in range(200):
-        _, crop = random_crop(image, label, np.random.default_rng(seed), 32, cat_max_ratio)
+        _, crop = random_crop(image, label, np.random.default_rng(seed), (32, 32), cat_max_ratio)
         ok += np.bincount(crop.ravel(), minlength=2).max() / crop.size < 0.75
     return ok / 200
 
@@ -132,14 +132,14 @@ def test_train_augment_pads_small_crops_with_ignore():
     image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
     label = rng.integers(0, 3, (40, 60)).astype(np.uint8)
     # scale (128, 32) with ratio 1 shrinks the short side to 32 < crop 64: everything outside is padding
-    img, lab = seg_train_augment(image, label, rng, scale=(128, 32), ratio_range=(1.0, 1.0), crop_size=64)
+    img, lab = seg_train_augment(image, label, rng, scale=(128, 32), ratio_range=(1.0, 1.0), crop_hw=(64, 64))
     assert img.shape == (3, 64, 64) and lab.shape == (64, 64)
     assert (lab[32:] == 255).all() and (img[:, 32:] == 0.5).all()
     assert set(lab[:32, :48].unique().tolist()) <= {0, 1, 2}
 
 
 # --- learning on the synthetic sample shards (real model, data and protocol; see tests/learning_loop.py) ---
-SEG_TINY = dict(num_classes=6, class_set="synth_seg", scale=[256, 64], crop_size=64, neck_channels=32, head_channels=16)
+SEG_TINY = dict(num_classes=6, class_set="synth_seg", scale=[256, 64], crop_size=[64, 64], neck_channels=32, head_channels=16)
 SEG_STEPS = 100
 
 

@@ -112,7 +112,7 @@ def test_each_phrase_picks_out_exactly_one_object():
 
 @pytest.mark.parametrize("task_name, prefix, overrides", [
     ("depth", "depth-val", {"crop_size": [96, 112]}),
-    ("seg", "seg-val", {"num_classes": 6, "scale": [128, 128], "crop_size": 96}),
+    ("seg", "seg-val", {"num_classes": 6, "scale": [128, 128], "crop_size": [96, 96]}),
 ])
 def test_tasks_transform_sample_shards_into_batches(task_name, prefix, overrides):
     from vpd_ray.tasks import get_task

@@ -21,7 +21,7 @@ def tiny_task_options(name: str, tiny_clip_dir) -> dict:
     """Small options per task; a newly registered task must add its own here."""
     options = {
         "depth": dict(crop_size=[SIZE, SIZE], head_dim=16, eigen_crop=False),
-        "seg": dict(num_classes=6, class_set="synth_seg", scale=[4 * SIZE, SIZE], crop_size=SIZE, neck_channels=16,
+        "seg": dict(num_classes=6, class_set="synth_seg", scale=[4 * SIZE, SIZE], crop_size=[SIZE, SIZE], neck_channels=16,
                     head_channels=8),
         "refer": dict(text_encoder=str(tiny_clip_dir), max_tokens=8, image_size=SIZE, decoder_hidden=16),
     }  # fmt: skip
@@ -120,4 +120,4 @@ def test_task_context_lengths_match_the_paper():
     from vpd_ray.tasks.seg import SegConfig
 
     assert get_task("seg")(SegConfig()).context_tokens() == 150
-    assert get_task("refer").config_class().max_tokens == 40
+    assert get_task("refer").config_class(text_encoder="tiny").max_tokens == 40

@@ -13,6 +13,7 @@ wrong type, a missing shard or weight file is one line on stderr and exit code 2
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 from typing import Any, Dict, List, Optional
@@ -23,6 +24,8 @@ from omegaconf.errors import OmegaConfBaseException
 from vpd_ray.batching import LR_SCALINGS, BatchPlan
 from vpd_ray.model.backbone import BackboneConfig
 from vpd_ray.paths import SHARD_KEYS, WEIGHT_SUFFIXES, PathCheck, config_paths, expand_urls, is_local, is_remote, problem  # noqa: F401
+
+log = logging.getLogger(__name__)
 
 EXIT_CONFIG_ERROR = 2
 SCHEDULE_KINDS = ("constant", "poly_rise_fall", "warmup_poly")
@@ -36,12 +39,12 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass
-class ModelConfig:
+class ModelSection:
     backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
 
 
 @dataclasses.dataclass
-class ScheduleConfig:
+class ScheduleSection:
     """Learning-rate schedule as a factor of ``train.lr`` (every param group follows it).
 
     ``poly_rise_fall`` (VPD depth): from ``min_lr`` up to ``lr`` as ``t**power`` over the first
@@ -59,7 +62,7 @@ class ScheduleConfig:
 
 
 @dataclasses.dataclass
-class CheckpointConfig:
+class CheckpointSection:
     """A checkpoint is written after every validation; the best ``keep`` by ``metric`` survive."""
 
     keep: int = 2
@@ -72,7 +75,7 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainSection:
     max_steps: int = 1000  # optimizer steps
     # Samples per optimizer step over all workers. The micro-batch (at most tasks.<name>.batch_size)
     # and the accumulation are derived so that it is kept wherever the worker count allows; else the
@@ -82,39 +85,39 @@ class TrainConfig:
     lr: float = 5e-4
     weight_decay: float = 0.1
     unet_lr_mult: float = 0.01  # UNet parameters train at this multiple of lr (VPD: 0.01 depth, 0.1 seg)
-    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    schedule: ScheduleSection = dataclasses.field(default_factory=ScheduleSection)
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
     grad_checkpointing: bool = False  # UNet activation checkpointing (reentrant: safe under ZeRO-3)
     log_every: int = 10
     val_every: int = 500
     max_val_batches: Optional[int] = None  # cap on validation batches per worker; None: the whole split
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     nan_policy: str = "skip"  # "skip": drop the batch and draw another; "stop": fail naming the step
     max_nan_skips: int = 10  # more skipped batches than this in one run stops it
 
 
 @dataclasses.dataclass
-class DeepSpeedConfig:
+class DeepSpeedSection:
     zero_stage: int = 2
     bf16: bool = True
 
 
 @dataclasses.dataclass
-class ScalingConfig:
+class ScalingSection:
     num_workers: int = 1
     use_gpu: bool = False
     resources_per_worker: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
-class DataConfig:
+class DataSection:
     num_workers: int = 2  # data-loader processes per training worker
     shuffle_buffer: int = 1000
     max_corrupt: int = 0  # undecodable samples tolerated per stream before it fails
 
 
 @dataclasses.dataclass
-class RunConfig:
+class RunSection:
     name: str = "vpd"
     storage_path: str = "~/vpd_runs"  # local (made absolute) or a cloud URI; the run is <storage_path>/<name>
     seed: int = 0
@@ -124,13 +127,13 @@ class RunConfig:
 
 @dataclasses.dataclass
 class Config:
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
     tasks: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
-    scaling: ScalingConfig = dataclasses.field(default_factory=ScalingConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    deepspeed: DeepSpeedSection = dataclasses.field(default_factory=DeepSpeedSection)
+    scaling: ScalingSection = dataclasses.field(default_factory=ScalingSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    run: RunSection = dataclasses.field(default_factory=RunSection)
 
 
 def _one_line(err: Exception) -> str:
@@ -141,7 +144,8 @@ def _one_line(err: Exception) -> str:
 
 
 def _type_tasks(cfg: DictConfig) -> None:
-    """Replace each raw ``tasks.<name>`` section by one typed by that task's ``config_class``."""
+    """Replace each raw ``tasks.<name>`` section by one typed by that task's ``config_class``; old key
+    names are upgraded first (``TaskConfig.upgrade``), with a one-line notice each."""
     from vpd_ray.tasks import get_task
 
     if not cfg.tasks:
@@ -151,11 +155,24 @@ def _type_tasks(cfg: DictConfig) -> None:
             task_cls = get_task(name)
         except KeyError as err:
             raise ConfigError(f"tasks.{name}: {err.args[0]}") from None
-        section = cfg.tasks[name] if cfg.tasks[name] is not None else {}
+        raw = OmegaConf.to_container(cfg.tasks[name]) if cfg.tasks[name] is not None else {}
+        for notice in task_cls.config_class.upgrade(raw):
+            log.warning(f"config notice: tasks.{name}.{notice}")
         try:
-            cfg.tasks[name] = OmegaConf.merge(OmegaConf.structured(task_cls.config_class), section)
+            cfg.tasks[name] = OmegaConf.merge(OmegaConf.structured(task_cls.config_class), raw)
         except OmegaConfBaseException as err:
             raise ConfigError(f"tasks.{name}.{_one_line(err)}") from None
+
+
+def task_config(name: str, section: DictConfig) -> Any:
+    """The typed options object (``TaskConfig`` subclass) of ``tasks.<name>``: the one conversion that
+    validation on the driver and model building share, so the task's own value checks
+    (``__post_init__``) run before any Ray worker starts. Raises ConfigError."""
+    try:
+        return OmegaConf.to_object(section)
+    except (ValueError, TypeError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(message if message.startswith(f"tasks.{name}") else f"tasks.{name}: {message}") from None
 
 
 def compose(path: Optional[str] = None, overrides: List[str] = (), base: Optional[dict] = None) -> DictConfig:
@@ -279,6 +296,7 @@ def validate(cfg: DictConfig, need: tuple[str, ...] = TRAIN_NEEDS, remote: tuple
     if not cfg.run.name or "/" in cfg.run.name:
         raise ConfigError(f"run.name: {cfg.run.name!r} must be a non-empty name without '/'")
     for name, task in cfg.tasks.items():
+        task_config(name, task)
         _check_positive(f"tasks.{name}.batch_size", task.batch_size)
         for field in need:
             if task[field] is None:

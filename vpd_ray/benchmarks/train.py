@@ -1,10 +1,13 @@
 """``python -m vpd_ray.bench train``: seconds per optimizer step of the Ray Train + DeepSpeed loop
 against a bare PyTorch loop over the same model and the same batches, measured in the same run.
 
-Both loops take their batches from one in-memory list drawn from the config's train stream (rank 0
-of 1), so data loading is out of the figure and the ratio is the trainer's own overhead: Ray worker
-dispatch, DeepSpeed's engine, ZeRO bookkeeping, bf16 casting. One Ray worker, so both do the
-same arithmetic per step. Prints a markdown table (paste it into docs/benchmarks.md).
+Both run the product's step (:class:`vpd_ray.engine.step.Stepper`): the bare loop over a plain
+fp32 module and torch AdamW (:class:`~vpd_ray.engine.step.TorchEngine`), the other inside a Ray
+worker over DeepSpeed's engine. Both take their batches from one in-memory list drawn from the
+config's train stream (rank 0 of 1), so data loading is out of the figure and the ratio is the
+trainer's own overhead: Ray worker dispatch, DeepSpeed's engine, ZeRO bookkeeping, bf16 casting.
+One Ray worker, so both do the same arithmetic per step. Prints a markdown table (paste it into
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def _batches(cfg: Any, task: Any, count: int) -> list[dict[str, Any]]:
 def bare_seconds_per_step(cfg: Any, steps: int, warmup: int) -> float:
     """Plain PyTorch: fp32 model, VAE under no_grad, AdamW with the trainer's param groups."""
     from vpd_ray.engine.optim import param_groups
+    from vpd_ray.engine.step import Stepper, TorchEngine
     from vpd_ray.package import build_model
 
     torch.manual_seed(cfg.run.seed)
@@ -35,21 +39,23 @@ def bare_seconds_per_step(cfg: Any, steps: int, warmup: int) -> float:
     name, task = next(iter(model.tasks.items()))
     groups = param_groups(model.named_parameters(), cfg.train.lr, cfg.train.weight_decay, cfg.train.unet_lr_mult)
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
-    batches = _batches(cfg, task, warmup + steps)
-    for i, batch in enumerate(batches):
-        if i == warmup:
-            start = time.perf_counter()
-        loss = task.loss(model(name, batch, latents=model.backbone.encode(batch["image"])), batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-    return (time.perf_counter() - start) / steps
+    stepper = Stepper(TorchEngine(model, optimizer, grad_clip=cfg.train.grad_clip), model.tasks,
+                      model.backbone.encode, seed=cfg.run.seed)
+    return _seconds_per_step(stepper, name, _batches(cfg, task, warmup + steps), warmup)
+
+
+def _seconds_per_step(stepper: Any, name: str, batches: list[dict[str, Any]], warmup: int) -> float:
+    it = iter(batches)
+    for step in range(warmup):
+        stepper.step(step, {name: it})
+    start = time.perf_counter()
+    for step in range(warmup, len(batches)):
+        stepper.step(step, {name: it})
+    return (time.perf_counter() - start) / (len(batches) - warmup)
 
 
 def _ray_worker(loop_config: dict[str, Any]) -> None:
-    """Ray worker: the trainer's own ``train_step`` over the same batches."""
+    """Ray worker: the trainer's own stepper over the same batches."""
     from vpd_ray.config import from_container
     from vpd_ray.engine.evaluation import report_metrics
     from vpd_ray.engine.loop import Trainer
@@ -57,14 +63,8 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     cfg = from_container(loop_config["config"])
     trainer = Trainer(cfg, loop_config)
     name, task = next(iter(trainer.tasks.items()))
-    steps, warmup = loop_config["steps"], loop_config["warmup"]
-    batches = iter(_batches(cfg, task, warmup + steps))
-    for step in range(warmup):
-        trainer.train_step(step, {name: batches})
-    start = time.perf_counter()
-    for step in range(warmup, warmup + steps):
-        trainer.train_step(step, {name: batches})
-    report_metrics({"seconds_per_step": (time.perf_counter() - start) / steps})
+    batches = _batches(cfg, task, loop_config["warmup"] + loop_config["steps"])
+    report_metrics({"seconds_per_step": _seconds_per_step(trainer.stepper, name, batches, loop_config["warmup"])})
 
 
 def ray_seconds_per_step(cfg: Any, steps: int, warmup: int) -> float:

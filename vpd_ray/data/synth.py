@@ -23,7 +23,6 @@ by any process, and the same command writes byte-identical shards.
 from __future__ import annotations
 
 import functools
-import io
 import json
 
 import numpy as np

@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from vpd_ray.tasks.base import Batch, Task
+from vpd_ray.contracts import Batch
+from vpd_ray.tasks.base import Task
 
 
 def _distributed() -> bool:

@@ -1,12 +1,13 @@
-"""The function every Ray Train worker runs: model -> DeepSpeed engine -> steps, validation, checkpoints.
+"""The function every Ray Train worker runs: setup (Ray context, model, DeepSpeed engine), then the
+run: steps by :class:`vpd_ray.engine.step.Stepper`, validation, checkpoints.
 
 Everything arrives in ``loop_config`` (``{"config": resolved config as a dict, ...}``); no globals.
 The frozen VAE is detached from the module DeepSpeed wraps (:func:`detach_vae`) so it is neither
 optimised nor partitioned by ZeRO-3; it runs ``backbone.encode`` in fp32 before the engine.
 
 Collective discipline (a rank that skips one hangs the others): every rank runs the same steps, picks
-the same task per micro-batch (an rng seeded by run seed and step), agrees on NaN skips with an
-all-reduce, evaluates in lockstep and calls ``ray.train.report`` at the same steps.
+the same task per micro-batch (the stepper's draw), agrees on NaN skips with an all-reduce,
+evaluates in lockstep and calls ``ray.train.report`` at the same steps.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from vpd_ray.engine import checkpoint as ckpt
-from vpd_ray.engine.evaluation import evaluate_task, to_device
-from vpd_ray.engine.optim import deepspeed_config, lr_factor, param_groups, set_lr
+from vpd_ray.engine.evaluation import evaluate_task
+from vpd_ray.engine.optim import deepspeed_config, lr_factor, param_groups
+from vpd_ray.engine.step import Stepper, float_outputs
 from vpd_ray.paths import human_bytes
 
 # Progress goes through logging, not print: Ray Train's worker print patch both tees print to the
@@ -51,30 +53,10 @@ def detach_vae(model: torch.nn.Module) -> torch.nn.Module:
     return vae
 
 
-def _float_outputs(outputs: Any) -> Any:
-    """Losses are computed in fp32 even when the engine runs in bf16."""
-    if torch.is_tensor(outputs):
-        return outputs.float() if outputs.is_floating_point() else outputs
-    if isinstance(outputs, dict):
-        return {k: _float_outputs(v) for k, v in outputs.items()}
-    if isinstance(outputs, (list, tuple)):
-        return type(outputs)(_float_outputs(v) for v in outputs)
-    return outputs
-
-
 def _all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(value, op=op)
     return value
-
-
-def check_nan_policy(skips: int, policy: str, max_skips: int, step: int, task_name: str) -> None:
-    """After the ``skips``-th non-finite loss: return to skip the batch, or stop naming the step."""
-    if policy == "stop" or skips > max_skips:
-        raise FloatingPointError(
-            f"non-finite loss at step {step} (task {task_name}); nan_policy={policy}, "
-            f"{skips} batch(es) skipped so far, max_nan_skips={max_skips}"
-        )
 
 
 @dataclasses.dataclass
@@ -128,6 +110,11 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
         self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
         self.state = RunState(epochs={name: 0 for name in cfg.tasks})
+        t = cfg.train
+        self.stepper = Stepper(self.engine, self.tasks, self.vae_encode, accum=self.accum, seed=cfg.run.seed,
+                               device=self.device, optimizer=self.optimizer,
+                               lr_at=lambda step: lr_factor(step, t.max_steps, t.schedule, t.lr),
+                               nan_policy=t.nan_policy, max_nan_skips=t.max_nan_skips)
         self.writer = None
         if self.rank == 0:
             log.info(f"[vpd] {self.world} workers: {self.plan.reason}")
@@ -152,46 +139,6 @@ class Trainer:
             for name, task in self.tasks.items()
         }
 
-    def _task_for(self, step: int, micro: int) -> str:
-        """Task of a micro-batch, drawn by ``ratio``; the same on every rank and after a resume."""
-        names = list(self.tasks)
-        if len(names) == 1:
-            return names[0]
-        weights = [self.tasks[n].cfg.ratio for n in names]
-        return random.Random(self.cfg.run.seed * 1_000_003 + step * 97 + micro).choices(names, weights)[0]
-
-    def _loss(self, task_name: str, batch: dict[str, Any]) -> torch.Tensor:
-        task = self.tasks[task_name]
-        outputs = self.forward(task_name, batch)
-        return task.loss(_float_outputs(outputs), batch) * task.cfg.loss_weight
-
-    def _nan_guard(self, loss: torch.Tensor, step: int, task_name: str) -> bool:
-        """True when any rank's loss is not finite (all ranks agree); stops the run by policy."""
-        bad = _all_reduce(torch.tensor([float(not torch.isfinite(loss).item())], device=self.device), dist.ReduceOp.MAX)
-        if not bad.item():
-            return False
-        self.state.nan_skips += 1
-        check_nan_policy(self.state.nan_skips, self.cfg.train.nan_policy, self.cfg.train.max_nan_skips, step, task_name)
-        if self.rank == 0:
-            log.warning(f"[vpd] step {step}: non-finite loss (task {task_name}), batch skipped ({self.state.nan_skips})")
-        return True
-
-    def train_step(self, step: int, iters: dict[str, Any]) -> float:
-        """One optimizer step = ``accum`` finite micro-batches; returns the mean loss."""
-        set_lr(self.optimizer, lr_factor(step, self.cfg.train.max_steps, self.cfg.train.schedule, self.cfg.train.lr))
-        total, micro = 0.0, 0
-        while micro < self.accum:
-            task_name = self._task_for(step, micro)
-            batch = to_device(next(iters[task_name]), self.device)
-            loss = self._loss(task_name, batch)
-            if self._nan_guard(loss, step, task_name):
-                continue
-            self.engine.backward(loss)
-            self.engine.step()
-            total += loss.item()
-            micro += 1
-        return total / self.accum
-
     def validate(self) -> dict[str, float]:
         from vpd_ray.data.pipeline import build_stream
 
@@ -203,7 +150,7 @@ class Trainer:
                                   num_workers=self.cfg.data.num_workers, max_corrupt=self.cfg.data.max_corrupt)
 
             def forward(images: torch.Tensor, batch: dict[str, Any], name: str = name) -> Any:
-                return _float_outputs(self.forward(name, {**batch, "image": images}))
+                return float_outputs(self.forward(name, {**batch, "image": images}))
 
             with torch.no_grad():
                 metrics.update(evaluate_task(task, forward, stream, self.device, self.cfg.train.max_val_batches))
@@ -264,6 +211,7 @@ class Trainer:
             self.resume.load_engine(self.engine)
         meta = self.resume.meta
         self.state = RunState(step=meta["step"], epochs=meta["epochs"], nan_skips=meta["nan_skips"])
+        self.stepper.nan_skips = self.state.nan_skips
         if self.rank == 0:
             how = "" if same else (f" on {self.world} workers (saved by {self.resume.world_size}): consolidated "
                                    "weights, fresh optimizer state (AdamW moments reset)")
@@ -312,8 +260,9 @@ class Trainer:
         per_step = self.plan.global_batch
         tick, losses = time.perf_counter(), []
         while self.state.step < t.max_steps:
-            losses.append(self.train_step(self.state.step, iters))
+            losses.append(self.stepper.step(self.state.step, iters))
             self.state.step += 1
+            self.state.nan_skips = self.stepper.nan_skips
             step = self.state.step
             self.state.epochs = {name: stream.epoch for name, stream in streams.items()}
             if step % t.log_every == 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vpd_ray.tasks.base import Batch, Metric
+from vpd_ray.contracts import Batch, Metric
 
 DEPTH_METRICS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
 EIGEN_SHAPE = (480, 640)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from vpd_ray.tasks.base import Batch, Metric
+from vpd_ray.contracts import Batch, Metric
 
 PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 

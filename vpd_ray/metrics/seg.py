@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from vpd_ray.tasks.base import Batch, Metric
+from vpd_ray.contracts import Batch, Metric
 
 
 def intersect_and_union(

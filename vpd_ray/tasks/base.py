@@ -20,44 +20,45 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-# A decoded shard sample: "__key__", "__url__", "image" (uint8 HxWx3 numpy), "meta" (dict from the
-# json field) and the task's label fields ("depth": float32 HxW metres, "label"/"mask": uint8 HxW).
-Sample = dict[str, Any]
-# A collated batch: "image" float32 [B,3,H,W] in [0,1] plus the task's tensors.
-Batch = dict[str, Any]
+from vpd_ray.contracts import Batch, Metric, Sample
 
 
 @dataclasses.dataclass
 class TaskConfig:
     """Options every task has. Task-specific options live in a subclass (``Task.config_class``).
 
-    Field names are permanent config keys (``tasks.<name>.<field>`` in YAML).
+    Field names are permanent config keys (``tasks.<name>.<field>`` in YAML). A renamed key stays
+    readable: ``renamed`` maps old names to new ones, and :meth:`upgrade` rewrites an old section
+    (runs and packages keep their resolved configs) with a one-line notice per key.
     """
+
+    renamed: ClassVar[dict[str, str]] = {"ratio": "batch_share"}
 
     train_shards: str | None = None  # brace pattern or comma list of shard URLs
     val_shards: str | None = None
     test_shards: str | None = None
     loss_weight: float = 1.0  # multitask: weight of this task's loss
-    ratio: float = 1.0  # multitask: share of steps that draw a batch of this task
-    batch_size: int = 2  # micro-batch per worker
+    batch_share: float = 1.0  # multitask: relative share of micro-batches drawn from this task
+    batch_size: int = 2  # micro-batch per worker (a cap: see vpd_ray.batching)
     eval_batch_size: int = 1
 
+    @classmethod
+    def upgrade(cls, raw: dict[str, Any]) -> list[str]:
+        """Rewrite old keys of ``raw`` (one task section, a plain dict) in place; returns the notices."""
+        notices = []
+        for old, new in cls.renamed.items():
+            if old in raw:
+                if new not in raw:
+                    raw[new] = raw[old]
+                del raw[old]
+                notices.append(f"{old} is deprecated: renamed to {new}")
+        return notices
 
-class Metric:
-    """Accumulates sums over a split; ``state`` is all-reduced across workers before ``compute``."""
 
-    def update(self, pred: torch.Tensor, batch: Batch) -> None:
-        raise NotImplementedError
-
-    def state(self) -> torch.Tensor:
-        """A 1-d float64 tensor of sums; element-wise addition merges two accumulators."""
-        raise NotImplementedError
-
-    def load_state(self, state: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def compute(self) -> dict[str, float]:
-        raise NotImplementedError
+def check_hw(key: str, value: Any) -> None:
+    """A ``[height, width]`` option (crops, windows): two positive integers."""
+    if len(value) != 2 or min(value) <= 0:
+        raise ValueError(f"{key} must be [height, width] > 0, got {list(value)}")
 
 
 class Task:

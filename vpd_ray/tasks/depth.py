@@ -4,18 +4,21 @@ test-time sliding windows with flips. The data side calls ``vpd_ray.data.augment
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from vpd_ray.metrics.depth import DepthMetric
 from vpd_ray.tasks import register_task
-from vpd_ray.tasks.base import Batch, Sample, Task, TaskConfig
+from vpd_ray.contracts import Batch, Sample
+from vpd_ray.tasks.base import Task, TaskConfig, check_hw
 
 
 @dataclasses.dataclass
 class DepthConfig(TaskConfig):
     """Options under ``tasks.depth``."""
+
+    renamed: ClassVar[dict[str, str]] = {**TaskConfig.renamed, "flip_test": "test_flip"}
 
     crop_size: list[int] = dataclasses.field(default_factory=lambda: [480, 480])  # (h, w) train crop = test window
     max_depth: float = 10.0  # output range (sigmoid * max_depth) and upper bound of valid gt in evaluation
@@ -24,11 +27,10 @@ class DepthConfig(TaskConfig):
     class_set: str = "nyu"  # built-in class names ("nyu", "ade20k") the class ids index
     class_embeddings: str | None = None  # safetensors from `python -m vpd_ray.embeddings`; None: seeded random
     head_dim: int = 192  # decoder width; neck width is 8x this (VPD: 192 -> 1536)
-    flip_test: bool = True  # test protocol: average each window with its horizontally flipped pass
+    test_flip: bool = True  # test protocol: average each window with its horizontally flipped pass
 
     def __post_init__(self) -> None:
-        if len(self.crop_size) != 2 or min(self.crop_size) <= 0:
-            raise ValueError(f"tasks.depth.crop_size must be [height, width] > 0, got {list(self.crop_size)}")
+        check_hw("tasks.depth.crop_size", self.crop_size)
         if not 0 < self.min_depth < self.max_depth:
             raise ValueError(f"tasks.depth needs 0 < min_depth < max_depth, got {self.min_depth}, {self.max_depth}")
 
@@ -125,7 +127,7 @@ class DepthTask(Task):
         return silog_loss(outputs, batch["depth"])
 
     def predict(self, forward: Callable[[torch.Tensor, Batch], Any], batch: Batch) -> torch.Tensor:
-        return sliding_window_predict(forward, batch, tuple(self.cfg.crop_size), self.cfg.flip_test)
+        return sliding_window_predict(forward, batch, tuple(self.cfg.crop_size), self.cfg.test_flip)
 
     def metric(self) -> DepthMetric:
         return DepthMetric(self.cfg.min_depth, self.cfg.max_depth, self.cfg.eigen_crop)

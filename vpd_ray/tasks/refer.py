@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from vpd_ray.metrics.refer import PRECISION_THRESHOLDS, ReferMetric
 from vpd_ray.tasks import register_task
-from vpd_ray.tasks.base import Batch, Sample, Task, TaskConfig
+from vpd_ray.contracts import Batch, Sample
+from vpd_ray.tasks.base import Task, TaskConfig
 
 TINY = "tiny"
 
@@ -40,6 +41,10 @@ class ReferConfig(TaskConfig):
     decoder_hidden: int = 0  # decoder width; 0: half the coarsest feature's channels (640 for SD)
     class_weights: list[float] = dataclasses.field(default_factory=lambda: [0.9, 1.1])  # CE weights (bg, object)
     max_sentences: int = 16  # eval: sentence slots per ref (a ref with more is an error naming it)
+
+    def __post_init__(self) -> None:
+        if not self.text_encoder:
+            raise ValueError("tasks.refer.text_encoder: required (a CLIP text model folder or hub id, or 'tiny')")
 
 
 def sentences_of(sample: Sample) -> list[str]:
@@ -63,8 +68,6 @@ class ReferTask(Task):
 
     def __init__(self, cfg: ReferConfig):
         super().__init__(cfg)
-        if not cfg.text_encoder:
-            raise ValueError("tasks.refer.text_encoder: required (a CLIP text model folder or hub id)")
         self._tokenizer = None
         self._text_model = None
 

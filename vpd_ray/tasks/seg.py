@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from vpd_ray.metrics.seg import SegMetric
 from vpd_ray.tasks import register_task
-from vpd_ray.tasks.base import Batch, Sample, Task, TaskConfig
+from vpd_ray.contracts import Batch, Sample
+from vpd_ray.tasks.base import Task, TaskConfig, check_hw
 
 TEST_MODES = ("whole", "slide")
 
@@ -28,7 +29,8 @@ class SegConfig(TaskConfig):
     reduce_zero_label: bool = True  # ADE20K: label 0 ("other") -> 255 (ignored), k -> k-1
     scale: list[int] = dataclasses.field(default_factory=lambda: [2048, 512])  # train jitter / test resize scale
     ratio_range: list[float] = dataclasses.field(default_factory=lambda: [0.5, 2.0])  # train scale jitter
-    crop_size: int = 512  # train crop (padded with label 255); sliding-window size at test
+    crop_size: list[int] = dataclasses.field(default_factory=lambda: [512, 512])  # (h, w) train crop (padded
+    # with label 255); the sliding window at test
     cat_max_ratio: float = 0.75  # a train crop may hold at most this share of one class (10 redraws)
     neck_channels: int = 256  # FPN neck width
     head_channels: int = 128  # FPN head width
@@ -39,8 +41,18 @@ class SegConfig(TaskConfig):
     slide_stride: int = 341  # mmseg's ADE20K sliding stride for 512 windows
 
     def __post_init__(self) -> None:
+        check_hw("tasks.seg.crop_size", self.crop_size)
         if self.test_mode not in TEST_MODES:
-            raise ValueError(f"test_mode {self.test_mode!r} is not one of {TEST_MODES}")
+            raise ValueError(f"tasks.seg.test_mode: {self.test_mode!r} is not one of {', '.join(TEST_MODES)}")
+
+    @classmethod
+    def upgrade(cls, raw: dict[str, Any]) -> list[str]:
+        """Also: ``crop_size`` was one int (a square) before it was ``[h, w]`` as in depth."""
+        notices = super().upgrade(raw)
+        if isinstance(raw.get("crop_size"), int):
+            raw["crop_size"] = [raw["crop_size"]] * 2
+            notices.append("crop_size as one int is deprecated: give [height, width]")
+        return notices
 
 
 def seg_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
@@ -51,17 +63,18 @@ def seg_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255)
 
 
 def slide_logits(
-    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, window: int, stride: int
+    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, window: tuple[int, int], stride: int
 ) -> torch.Tensor:
-    """mmseg ``slide_inference``: ``window`` crops every ``stride`` (last one flush with the edge), averaged."""
+    """mmseg ``slide_inference``: ``window`` (h, w) crops every ``stride`` (last one flush with the edge), averaged."""
     _, _, h, w = images.shape
-    rows = max(h - window + stride - 1, 0) // stride + 1
-    cols = max(w - window + stride - 1, 0) // stride + 1
+    wh, ww = window
+    rows = max(h - wh + stride - 1, 0) // stride + 1
+    cols = max(w - ww + stride - 1, 0) // stride + 1
     total, count = None, images.new_zeros(1, 1, h, w)
     for r in range(rows):
         for c in range(cols):
-            y2, x2 = min(r * stride + window, h), min(c * stride + window, w)
-            y1, x1 = max(y2 - window, 0), max(x2 - window, 0)
+            y2, x2 = min(r * stride + wh, h), min(c * stride + ww, w)
+            y1, x1 = max(y2 - wh, 0), max(x2 - ww, 0)
             part = forward(images[..., y1:y2, x1:x2])
             total = images.new_zeros(images.shape[0], part.shape[1], h, w) if total is None else total
             total[..., y1:y2, x1:x2] += part
@@ -75,7 +88,7 @@ def multiscale_probs(
     scale: tuple[int, int],
     ratios: list[float],
     flip: bool,
-    slide: tuple[int, int] | None = None,
+    slide: tuple[tuple[int, int], int] | None = None,
 ) -> torch.Tensor:
     """Softmax scores ``[B, K, H, W]`` averaged over keep-ratio resizes (``scale * ratio``) and flips.
 
@@ -160,7 +173,7 @@ class SegTask(Task):
     def predict(self, forward: Callable[[torch.Tensor, Batch], Any], batch: Batch) -> torch.Tensor:
         """Class ids ``[B, H, W]`` at the input resolution, by ``test_ratios`` / ``test_flip`` / ``test_mode``."""
         cfg = self.cfg
-        slide = (cfg.crop_size, cfg.slide_stride) if cfg.test_mode == "slide" else None
+        slide = (tuple(cfg.crop_size), cfg.slide_stride) if cfg.test_mode == "slide" else None
         probs = multiscale_probs(
             lambda x: forward(x, {**batch, "image": x}), batch["image"], tuple(cfg.scale), list(cfg.test_ratios),
             cfg.test_flip, slide,
@@ -189,7 +202,7 @@ class SegTask(Task):
         from vpd_ray.data.augment.seg import seg_train_augment
 
         image, label = seg_train_augment(
-            sample["image"], self._label(sample), rng, self.cfg.scale, self.cfg.ratio_range, self.cfg.crop_size,
+            sample["image"], self._label(sample), rng, self.cfg.scale, self.cfg.ratio_range, tuple(self.cfg.crop_size),
             self.cfg.cat_max_ratio,
         )  # fmt: skip
         return {"image": image, "label": label}

@@ -65,7 +65,7 @@ def random_crop(
     image: np.ndarray,
     label: np.ndarray,
     rng: np.random.Generator,
-    crop_size: int,
+    crop_hw: tuple[int, int],
     cat_max_ratio: float = 0.75,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -74,21 +74,23 @@ def random_crop(
     After 10 rejected crops the 11th is taken as it comes, as in mmseg.
     """
 
+    ch, cw = crop_hw
+
     def draw() -> tuple[int, int]:
         return (
-            int(rng.integers(0, max(image.shape[0] - crop_size, 0) + 1)),
-            int(rng.integers(0, max(image.shape[1] - crop_size, 0) + 1)),
+            int(rng.integers(0, max(image.shape[0] - ch, 0) + 1)),
+            int(rng.integers(0, max(image.shape[1] - cw, 0) + 1)),
         )
 
     y, x = draw()
     if cat_max_ratio < 1.0:
         for _ in range(10):
-            values, counts = np.unique(label[y : y + crop_size, x : x + crop_size], return_counts=True)
+            values, counts = np.unique(label[y : y + ch, x : x + cw], return_counts=True)
             counts = counts[values != ignore_index]
             if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
                 break
             y, x = draw()
-    return image[y : y + crop_size, x : x + crop_size], label[y : y + crop_size, x : x + crop_size]
+    return image[y : y + ch, x : x + cw], label[y : y + ch, x : x + cw]
 
 
 def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
@@ -127,18 +129,19 @@ def photometric_distortion(
 
 
 def to_float_padded(
-    image: np.ndarray, label: np.ndarray, size: int, image_value: float = 0.5, label_value: int = IGNORE_INDEX
+    image: np.ndarray, label: np.ndarray, size_hw: tuple[int, int], image_value: float = 0.5,
+    label_value: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 image + label -> float ``[3,size,size]`` in [0,1] and long ``[size,size]``, padded bottom/right.
+    """uint8 image + label -> float ``[3,H,W]`` in [0,1] and long ``[H,W]`` (``size_hw``), padded bottom/right.
 
     The reference pads after normalising to [-1, 1] with 0, which is 0.5 here; labels pad with 255.
     """
     h, w = label.shape
-    if h > size or w > size:
-        raise ValueError(f"cannot pad a {h}x{w} crop to {size}x{size}")
-    out_image = torch.full((3, size, size), image_value, dtype=torch.float32)
+    if h > size_hw[0] or w > size_hw[1]:
+        raise ValueError(f"cannot pad a {h}x{w} crop to {size_hw[0]}x{size_hw[1]}")
+    out_image = torch.full((3, *size_hw), image_value, dtype=torch.float32)
     out_image[:, :h, :w] = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
-    out_label = torch.full((size, size), label_value, dtype=torch.long)
+    out_label = torch.full(tuple(size_hw), label_value, dtype=torch.long)
     out_label[:h, :w] = torch.from_numpy(np.array(label)).long()
     return out_image, out_label
 
@@ -149,13 +152,13 @@ def seg_train_augment(
     rng: np.random.Generator,
     scale: Sequence[int] = (2048, 512),
     ratio_range: Sequence[float] = (0.5, 2.0),
-    crop_size: int = 512,
+    crop_hw: tuple[int, int] = (512, 512),
     cat_max_ratio: float = 0.75,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The full training pipeline on an already label-shifted sample -> (image ``[3,c,c]``, label ``[c,c]``)."""
+    """The full training pipeline on an already label-shifted sample -> (image ``[3,h,w]``, label ``[h,w]``)."""
     image, label = random_rescale(image, label, rng, scale, ratio_range)
-    image, label = random_crop(image, label, rng, crop_size, cat_max_ratio)
+    image, label = random_crop(image, label, rng, crop_hw, cat_max_ratio)
     if rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
     image = photometric_distortion(image, rng)
-    return to_float_padded(image, label, crop_size)
+    return to_float_padded(image, label, crop_hw)
