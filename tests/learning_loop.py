@@ -40,7 +40,7 @@ def sample_urls(kind: str, split: str) -> str:
 def build(tasks: dict[str, Any], seed: int = 0):
     """A ``VPDModel`` on the tiny backbone with ``tasks`` (name -> Task)."""
     from vpd_ray.model.backbone import BackboneConfig, VPDBackbone
-    from vpd_ray.model.vpd import VPDModel
+    from vpd_ray.modeling import VPDModel
 
     torch.manual_seed(seed)
     return VPDModel(VPDBackbone.from_config(BackboneConfig(source="tiny", seed=seed)), tasks)

@@ -17,7 +17,8 @@ from vpd_ray.engine import checkpoint as ckpt
 from vpd_ray.engine.loop import detach_vae
 from vpd_ray.engine.optim import deepspeed_config, param_groups
 from vpd_ray.model.heads.norm import FP32BatchNorm2d
-from vpd_ray.package import architecture, build_model, export_package, load_package
+from vpd_ray.modeling import architecture, build_model
+from vpd_ray.package import export_package, load_package
 
 STEPS, CHANNELS, BATCH = 150, 8, 4
 

@@ -29,7 +29,8 @@ CONFIGS = os.path.join(REPO, "configs")
 def export_tiny_package(out_dir, config: str | None = None, base: dict | None = None) -> str:
     """A model package of a config's tiny random-weight model (the path of a YAML file, or a dict)."""
     from vpd_ray.config import compose, to_yaml
-    from vpd_ray.package import architecture, build_model, export_package
+    from vpd_ray.modeling import architecture, build_model
+    from vpd_ray.package import export_package
 
     cfg = compose(config, base=base)
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import torch
 
 from vpd_ray.metrics import DEPTH_METRICS, DepthMetric, depth_metrics
 from vpd_ray.model.backbone import VPDBackbone
-from vpd_ray.model.vpd import VPDModel
+from vpd_ray.modeling import VPDModel
 from vpd_ray.tasks import get_task, list_tasks
 from vpd_ray.tasks.depth import DepthConfig, DepthTask, silog_loss, sliding_window_predict, window_offsets
 

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from test_train import ray_cluster  # noqa: F401  (a 2-CPU Ray head of our own on 127.0.0.1)
-from vpd_ray.package import WEIGHTS, architecture, build_model, export_package, load_package, write_safetensors
+from vpd_ray.modeling import architecture, build_model
+from vpd_ray.package import WEIGHTS, export_package, load_package, write_safetensors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_CONFIG = os.path.join(REPO, "configs", "sample.yaml")
@@ -116,7 +117,7 @@ def test_streamed_export_equals_in_memory_export(checkpoints, stage, tmp_path):
     ``consolidated_state_dict``; the trainable weights are the fp32 masters."""
     from vpd_ray.benchmarks.export import in_memory_export
     from vpd_ray.engine.checkpoint import consolidated_state_dict
-    from vpd_ray.export import export_checkpoint
+    from vpd_ray.engine.checkpoint import export_checkpoint
 
     old = in_memory_export(checkpoints[stage], str(tmp_path / "old"))
     new = export_checkpoint(checkpoints[stage], str(tmp_path / "new"))
@@ -135,7 +136,7 @@ def test_evaluate_consolidates_a_checkpoint_once(ray_cluster, checkpoints, tmp_p
     """The checkpoint is consolidated by one task, then hidden: the workers only have the object store."""
     import vpd_ray.evaluate as evaluate_module
     from vpd_ray.config import load
-    from vpd_ray.export import export_checkpoint
+    from vpd_ray.engine.checkpoint import export_checkpoint
 
     checkpoint = checkpoints[2]
     package = export_checkpoint(checkpoint, str(tmp_path / "package"))

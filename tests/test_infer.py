@@ -114,7 +114,8 @@ SAMPLE_CONFIG = os.path.join(REPO, "configs", "sample.yaml")
 def export_tiny_package(out_dir, config=SAMPLE_CONFIG):
     """A model package of a sample config's tiny random-weight model (no training needed)."""
     from vpd_ray.config import compose, to_yaml
-    from vpd_ray.package import architecture, build_model, export_package
+    from vpd_ray.modeling import architecture, build_model
+    from vpd_ray.package import export_package
 
     cfg = compose(config)
     torch.manual_seed(0)

@@ -42,7 +42,7 @@ def synthetic_samples(name: str, count: int, fields: tuple[str, ...]) -> list[di
 @pytest.fixture(params=list_tasks())
 def task_and_model(request, tiny_backbone_config, tiny_clip_dir):
     from vpd_ray.model.backbone import VPDBackbone
-    from vpd_ray.model.vpd import VPDModel
+    from vpd_ray.modeling import VPDModel
 
     cls = get_task(request.param)
     task = cls(cls.config_class(**tiny_task_options(request.param, tiny_clip_dir)))

@@ -222,7 +222,7 @@ def test_zero_stages_give_the_same_loss(ray_cluster, tmp_path):
         np.testing.assert_allclose(metrics[stage], metrics["zero0"], rtol=1e-2)  # bf16 epsilon 2**-7
     # Each stage's checkpoint consolidates (ZeRO-3: from partitioned shards) into a loadable package
     # with the same weights, up to bf16 training noise; frozen VAE weights are identical.
-    from vpd_ray.export import export_checkpoint
+    from vpd_ray.engine.checkpoint import export_checkpoint
 
     states = {}
     for checkpoint, reported in result.best_checkpoints:

@@ -30,7 +30,8 @@ def load_model(cfg: DictConfig, path: str, weights: Any = None) -> Any:
     A checkpoint or run directory is consolidated here, unless ``weights`` (the ObjectRef of
     :func:`share_checkpoint`) holds it consolidated already: then ``path`` is not even looked at.
     """
-    from vpd_ray.package import WEIGHTS, build_model, load_package
+    from vpd_ray.modeling import build_model
+    from vpd_ray.package import WEIGHTS, load_package
 
     if weights is not None:
         import ray
@@ -55,7 +56,7 @@ def consolidated_weights(path: str) -> dict[str, Any]:
     zero-copy from shared memory (torch tensors would be copied out per worker).
     """
     from vpd_ray.engine.checkpoint import CONFIG, consolidated_state_dict
-    from vpd_ray.export import find_checkpoint
+    from vpd_ray.engine.checkpoint import find_checkpoint
     from vpd_ray.package import load_config, read_architecture
 
     directory = find_checkpoint(path)
@@ -72,7 +73,8 @@ def model_from_weights(weights: dict[str, Any]) -> Any:
     import torch
 
     from vpd_ray.config import from_container
-    from vpd_ray.package import build_model, load_strict
+    from vpd_ray.modeling import build_model
+    from vpd_ray.package import load_strict
 
     model = build_model(from_container(weights["config"]), weights["architecture"])
     with warnings.catch_warnings():  # read-only shared memory; load_state_dict only copies from it

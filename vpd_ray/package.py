@@ -18,51 +18,11 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vpd_ray.modeling import build_model
+
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 ARCHITECTURE = "architecture.json"
-
-
-def architecture(model: "Any") -> dict[str, Any]:
-    """The diffusers configs that rebuild the backbone's UNet and VAE without their weight files."""
-    backbone = model.backbone
-    return {"unet": dict(backbone.unet.config), "vae": dict(backbone.vae.config)}
-
-
-def build_model(cfg: DictConfig, arch: dict[str, Any] | None = None) -> "Any":
-    """The ``VPDModel`` of a resolved config: backbone from ``model.backbone``, one head per task.
-
-    With ``arch`` (:func:`architecture`), the UNet and VAE are built from their diffusers configs
-    with fresh weights, for a caller that loads all weights afterwards.
-    """
-    from vpd_ray.model.backbone import BackboneConfig, VPDBackbone
-    from vpd_ray.model.vpd import VPDModel
-    from vpd_ray.tasks import get_task
-
-    backbone_cfg = BackboneConfig(**OmegaConf.to_container(cfg.model.backbone, resolve=True))
-    if arch is None:
-        backbone = VPDBackbone.from_config(backbone_cfg)
-    else:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-
-        unet, vae = UNet2DConditionModel.from_config(arch["unet"]), AutoencoderKL.from_config(arch["vae"])
-        backbone = VPDBackbone(unet, vae, attn_map_divisor=backbone_cfg.attn_map_divisor)
-    tasks = {name: get_task(name)(_task_config(section, drop_files=arch is not None)) for name, section in cfg.tasks.items()}
-    return VPDModel(backbone, tasks)
-
-
-def _task_config(section: DictConfig, drop_files: bool) -> Any:
-    """The task's config object; with ``drop_files``, options naming weight files (class embeddings)
-    are cleared: they only initialise buffers that the caller's weights then overwrite, and the
-    files need not exist where a package is loaded."""
-    from vpd_ray.config import WEIGHT_SUFFIXES
-
-    section = section.copy()
-    if drop_files:
-        for key, value in section.items():
-            if isinstance(value, str) and value.endswith(WEIGHT_SUFFIXES):
-                section[key] = None
-    return OmegaConf.to_object(section)
 
 
 def read_architecture(directory: str) -> dict[str, Any]:

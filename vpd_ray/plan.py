@@ -79,7 +79,7 @@ def model_counts(cfg: DictConfig) -> ModelCounts:
     """Parameter counts of the run's model, built on the meta device."""
     import torch
 
-    from vpd_ray.package import build_model
+    from vpd_ray.modeling import build_model
 
     arch, note = _architecture(cfg.model.backbone)
     with torch.device("meta"):

@@ -90,7 +90,7 @@ def fit(cfg: DictConfig, deferred: list | None = None) -> Any:
         extra["fail_once_at_step"] = int(os.environ[FAIL_ENV])
     result = build_trainer(cfg, extra).fit()
     if cfg.run.export:
-        from vpd_ray.export import export_checkpoint
+        from vpd_ray.engine.checkpoint import export_checkpoint
 
         checkpoint = best_checkpoint(result, cfg)
         with checkpoint.as_directory() as directory:  # a local copy if the storage is remote

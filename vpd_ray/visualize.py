@@ -232,7 +232,8 @@ def render(panels: Sequence[Panel], panel_inches: float = 4.0, dpi: int = 100) -
     aspect = max(p.pixels.shape[0] / max(p.pixels.shape[1], 1) for p in panels)
     fig = Figure(figsize=(panel_inches * len(panels), panel_inches * min(aspect, 2.0) + 0.8), dpi=dpi,
                  layout="constrained")
-    below = []  # captions and legends: outside the layout (the images keep their size), inside the crop
+    # colour bars, captions and legends: outside the layout (the images keep their size), inside the crop
+    outside: list = []
     FigureCanvasAgg(fig)
     for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         ax.imshow(panel.pixels, interpolation="nearest")
@@ -241,21 +242,23 @@ def render(panels: Sequence[Panel], panel_inches: float = 4.0, dpi: int = 100) -
         ax.set_ylabel("y (px)")
         if panel.scale is not None:
             s = panel.scale
-            fig.colorbar(ScalarMappable(Normalize(s.vmin, s.vmax), s.cmap), ax=ax, label=s.label, shrink=0.9)
+            bar = ax.inset_axes((1.04, 0.0, 0.05, 1.0))  # beside the image, exactly as tall
+            bar.set_in_layout(True)  # the layout leaves room for it and its label
+            fig.colorbar(ScalarMappable(Normalize(s.vmin, s.vmax), s.cmap), cax=bar, label=s.label)
         offset = AXIS_LABEL_PT  # below the tick labels and the x axis label
         if panel.caption:
-            below.append(ax.annotate(panel.caption, xy=(0.5, 0), xycoords="axes fraction", xytext=(0, -offset),
+            outside.append(ax.annotate(panel.caption, xy=(0.5, 0), xycoords="axes fraction", xytext=(0, -offset),
                                      textcoords="offset points", ha="center", va="top"))
             offset += CAPTION_PT
         if panel.legend:
             handles = [Patch(facecolor=np.array(rgb) / 255, edgecolor="0.3", label=name) for name, rgb in panel.legend]
             anchor = offset_copy(ax.transAxes, fig=fig, y=-offset, units="points")
-            below.append(ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0),
+            outside.append(ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0),
                                    bbox_transform=anchor, ncol=2, fontsize="small", frameon=False, borderaxespad=0))
-    for artist in below:
+    for artist in outside:
         artist.set_in_layout(False)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight", bbox_extra_artists=below, pad_inches=0.1)
+    fig.savefig(buffer, format="png", bbox_inches="tight", bbox_extra_artists=outside, pad_inches=0.1)
     return np.asarray(Image.open(buffer).convert("RGB"))
 
 

@@ -38,7 +38,7 @@ def _save_rank(rank: int, config: dict[str, Any], directory: str, world: int, po
     from vpd_ray.engine import checkpoint as ckpt
     from vpd_ray.engine.loop import RunState, detach_vae
     from vpd_ray.engine.optim import deepspeed_config, param_groups
-    from vpd_ray.package import architecture, build_model
+    from vpd_ray.modeling import architecture, build_model
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -102,8 +102,8 @@ def in_memory_export(checkpoint: str, out_dir: str) -> str:
     from safetensors.torch import save_file
 
     from vpd_ray.engine import checkpoint as ckpt
-    from vpd_ray.package import (CONFIG, WEIGHTS, build_model, load_config, load_strict, read_architecture,
-                                 write_architecture)
+    from vpd_ray.modeling import build_model
+    from vpd_ray.package import CONFIG, WEIGHTS, load_config, load_strict, read_architecture, write_architecture
 
     state = in_memory_state_dict(checkpoint)
     os.makedirs(out_dir, exist_ok=True)
@@ -129,7 +129,7 @@ def _measured(export: Callable[[str, str], str], checkpoint: str, out_dir: str) 
     import deepspeed.utils.zero_to_fp32  # noqa: F401  (imports are paid before the baseline)
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
 
-    import vpd_ray.model.vpd  # noqa: F401
+    import vpd_ray.modeling  # noqa: F401
     import vpd_ray.package  # noqa: F401
 
     baseline = _status_kib("VmRSS")
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             checkpoint = write_checkpoint(cfg, os.path.join(tmp, "checkpoint"), args.ranks)
             print(f"checkpoint written in {time.perf_counter() - start:.0f} s", flush=True)
-        from vpd_ray.export import export_checkpoint
+        from vpd_ray.engine.checkpoint import export_checkpoint
 
         rows = []
         for name, export in (("in-memory (before)", in_memory_export), ("streaming", export_checkpoint)):

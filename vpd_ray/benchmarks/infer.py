@@ -41,7 +41,8 @@ def make_images(root: Path, count: int, hw: tuple[int, int], seed: int = 0) -> l
 def tiny_package(out_dir: Path) -> str:
     """The sample config's tiny model as a package (random weights, no training)."""
     from vpd_ray.config import compose, to_yaml
-    from vpd_ray.package import architecture, build_model, export_package
+    from vpd_ray.modeling import architecture, build_model
+    from vpd_ray.package import export_package
 
     cfg = compose(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "sample.yaml"))
     model = build_model(cfg)

@@ -32,7 +32,7 @@ def bare_seconds_per_step(cfg: Any, steps: int, warmup: int) -> float:
     """Plain PyTorch: fp32 model, VAE under no_grad, AdamW with the trainer's param groups."""
     from vpd_ray.engine.optim import param_groups
     from vpd_ray.engine.step import Stepper, TorchEngine
-    from vpd_ray.package import build_model
+    from vpd_ray.modeling import build_model
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg).train()

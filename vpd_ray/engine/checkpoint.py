@@ -206,3 +206,32 @@ def consolidated_state_dict(directory: str) -> dict[str, torch.Tensor]:
     """
     # detach: DeepSpeed pickles its masters as Parameters, so their gathers require grad
     return {name: value.contiguous().detach().float() for name, value in lazy_state_dict(directory).items()}
+
+
+def find_checkpoint(path: str) -> str:
+    """``path`` itself if it is a checkpoint, else the best complete checkpoint of the run at ``path``."""
+    import glob
+
+    from vpd_ray.config import compose, task_metric
+
+    if is_checkpoint(path):
+        return path
+    found = sorted(d for d in glob.glob(os.path.join(path, "checkpoint_*")) if is_checkpoint(d))
+    if not found:
+        raise FileNotFoundError(f"{path!r} is neither a checkpoint nor a run directory with complete checkpoints")
+    metric, mode = task_metric(compose(os.path.join(found[-1], CONFIG)))
+    scored = [(read_meta(d)["metrics"].get(metric), d) for d in found]
+    scored = [(v, d) for v, d in scored if v is not None]
+    if not scored:
+        return found[-1]
+    return (min if mode == "min" else max)(scored)[1]
+
+
+def export_checkpoint(path: str, out_dir: str) -> str:
+    """Consolidate the checkpoint at ``path`` (or the best of a run) into a package at ``out_dir``."""
+    from vpd_ray.package import export_package, read_architecture
+
+    directory = find_checkpoint(path)
+    with open(os.path.join(directory, CONFIG)) as f:
+        config_yaml = f.read()
+    return export_package(lazy_state_dict(directory), config_yaml, read_architecture(directory), out_dir)

@@ -78,7 +78,7 @@ class Trainer:
 
         from vpd_ray.config import batch_plan, local_run_dir, to_yaml
         from vpd_ray.download import fetch_once_per_node
-        from vpd_ray.package import architecture, build_model
+        from vpd_ray.modeling import architecture, build_model
 
         self.cfg, self.extra = cfg, loop_config
         context = ray.train.get_context()

@@ -133,7 +133,7 @@ def build_tuner(sweep: DictConfig, base: DictConfig):
 def write_outputs(sweep: DictConfig, base: DictConfig, result_grid: Any) -> dict[str, Any]:
     """The trial table, plot, best YAML and best package; returns the best trial's row."""
     from vpd_ray.config import load, to_yaml
-    from vpd_ray.export import export_checkpoint
+    from vpd_ray.engine.checkpoint import export_checkpoint
     from vpd_ray.paths import EVERY_PATH
     from vpd_ray.sweep.config import metric_and_mode, reports_per_trial
 
