@@ -224,7 +224,8 @@ def predict_in_page(browser, url: str, photo: str, timeout: float = 60) -> bytes
     wait = WebDriverWait(browser, timeout)
     browser.get(url)
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#photo input[type=file]"))).send_keys(photo)
-    wait.until(ec.text_to_be_present_in_element((By.ID, "photo"), os.path.basename(photo)))  # uploaded
+    stem = os.path.splitext(os.path.basename(photo))[0]
+    wait.until(ec.text_to_be_present_in_element((By.ID, "photo"), stem))  # uploaded: its name is listed
     browser.find_element(By.ID, "predict").click()
     result = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#result img")))
     wait.until(lambda _: browser.execute_script("const i = arguments[0]; return i.complete && i.naturalWidth > 0",

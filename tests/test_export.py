@@ -134,7 +134,7 @@ def test_streamed_export_equals_in_memory_export(checkpoints, stage, tmp_path):
 @pytest.mark.slow
 def test_evaluate_consolidates_a_checkpoint_once(ray_cluster, checkpoints, tmp_path, monkeypatch, capsys):
     """The checkpoint is consolidated by one task, then hidden: the workers only have the object store."""
-    import vpd_ray.evaluate as evaluate_module
+    import vpd_ray.engine.eval_job as evaluate_module
     from vpd_ray.config import load
     from vpd_ray.engine.checkpoint import export_checkpoint
 

@@ -223,34 +223,34 @@ def test_to_map_regression_scores_and_labels():
     assert protocol_labels.tolist()[0] == [0, 0, 1, 1]
 
 
-def test_model_inputs_for_sentence_and_scene_tasks():
-    from vpd_ray.inference.predictor import UNKNOWN_CLASS, model_inputs
-
-    class SentenceTask:
-        name = "refer"
-
-        def tokenize(self, sentences):
-            return torch.arange(3).repeat(len(sentences), 1)  # [N, T=3]
+def test_inference_batch_of_each_task():
+    """Each task builds its own batch for unlabelled images: depth reads the scene class from the
+    meta (-1, the mean class embedding, for photos), refer needs and tokenises a sentence."""
+    from vpd_ray.tasks.depth import DepthConfig, DepthTask
+    from vpd_ray.tasks.refer import ReferConfig, ReferTask
+    from vpd_ray.tasks.seg import SegConfig, SegTask
 
     pixels = torch.zeros(2, 3, 8, 8)
-    batch = model_inputs(SentenceTask(), pixels, ["a", "b"], protocol=True)
-    assert batch["input_ids"].shape == (2, 1, 3) and batch["sentence_valid"].all()
+    depth = DepthTask(DepthConfig()).inference_batch(pixels, [{"meta": {"class_id": 3}}, {"meta": {}}], protocol=False)
+    assert depth["class_id"].tolist() == [3, -1]
+    refer = ReferTask(ReferConfig(text_encoder="tiny", max_tokens=5))
+    batch = refer.inference_batch(pixels, [{"sentence": "the red one"}, {"sentence": "blue"}], protocol=True)
+    assert batch["input_ids"].shape == (2, 1, 5) and batch["sentence_valid"].all()
+    assert refer.inference_batch(pixels, [{"sentence": "a"}, {"sentence": "b"}], protocol=False)["input_ids"].shape == (2, 5)
     with pytest.raises(ValueError, match="JSONL"):
-        model_inputs(SentenceTask(), pixels, [None, None], protocol=False)
-    scene = model_inputs(object(), pixels, [None, None], protocol=False)
-    assert scene["class_id"].tolist() == [UNKNOWN_CLASS] * 2  # the mean class embedding
-    known = model_inputs(object(), pixels, [None, None], protocol=False, class_ids=[3, None])
-    assert known["class_id"].tolist() == [3, UNKNOWN_CLASS]
+        refer.inference_batch(pixels, [{"sentence": None}, {"sentence": "b"}], protocol=False)
+    assert set(SegTask(SegConfig()).inference_batch(pixels, [{}, {}], protocol=True)) == {"image"}
 
 
-def test_scene_class_comes_from_the_shard_json():
-    from vpd_ray.inference.predictor import scene_class
+def test_row_meta_comes_from_the_shard_json():
+    from vpd_ray.inference.predictor import row_meta
 
-    assert scene_class({"json": b'{"scene": "kitchen", "class_id": 12}'}) == 12
-    assert scene_class({"json": b'{"sentences": ["the red one"]}'}) is None
-    assert scene_class({"bytes": b"..."}) is None  # a photo from a folder
+    assert row_meta({"json": b'{"scene": "kitchen", "class_id": 12}'})["class_id"] == 12
+    assert row_meta({"bytes": b"..."}) == {}  # a photo from a folder
     with pytest.raises(ValueError, match="unreadable json"):
-        scene_class({"json": b"{not json"})
+        row_meta({"json": b"{not json"})
+    with pytest.raises(ValueError, match="not an object"):
+        row_meta({"json": b"[1, 2]"})
 
 
 def test_cli_rejects_a_task_the_package_lacks(depth_package, tmp_path, capsys):

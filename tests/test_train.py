@@ -82,7 +82,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def sample_run(ray_cluster, tmp_path_factory):
     """The sample training with the last worker dying once right after step FAIL_AT."""
-    from vpd_ray.train import FAIL_ENV, fit
+    from vpd_ray.engine.train_job import FAIL_ENV, fit
 
     storage = tmp_path_factory.mktemp("runs")
     cfg = load("configs/sample.yaml", [f"run.storage_path={storage}", f"train.max_steps={MAX_STEPS}",
@@ -172,7 +172,7 @@ def test_export_cli_from_run_dir(sample_run, tmp_path):
 
 
 def test_distributed_evaluate_matches_single_process(sample_run, package_metrics):
-    from vpd_ray.evaluate import evaluate, seed_rows
+    from vpd_ray.engine.eval_job import evaluate, seed_rows
 
     cfg, _, run_dir = sample_run
     cfg = cfg.copy()
@@ -203,19 +203,13 @@ def _stage_losses(loop_config):
 
 
 def test_zero_stages_give_the_same_loss(ray_cluster, tmp_path):
-    from omegaconf import OmegaConf
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from ray import cloudpickle
+
+    from vpd_ray.engine.train_job import torch_trainer
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     cfg = load("configs/sample.yaml", [f"run.storage_path={tmp_path}", "data.num_workers=0", "train.lr=1e-3"])
-    trainer = TorchTrainer(_stage_losses, train_loop_config={"config": OmegaConf.to_container(cfg)},
-                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                           run_config=RunConfig(name="zero", storage_path=str(tmp_path)),
-                           torch_config=TorchConfig(backend="gloo"))
-    result = trainer.fit()
+    result = torch_trainer(_stage_losses, {}, cfg, "zero").fit()
     metrics = result.metrics
     print("\nlosses per ZeRO stage:", {k: np.round(metrics[k], 4).tolist() for k in ("zero0", "zero2", "zero3")})
     for stage in ("zero2", "zero3"):
@@ -253,7 +247,7 @@ def test_resume_on_fewer_workers_continues_steps_and_schedule(ray_cluster, tmp_p
     from omegaconf import OmegaConf
 
     from vpd_ray.engine.optim import lr_factor
-    from vpd_ray.train import fit
+    from vpd_ray.engine.train_job import fit
 
     base = [f"run.storage_path={tmp_path}", "run.name=resize", "data.num_workers=0", "train.val_every=4",
             "train.log_every=2", "train.max_val_batches=1", "run.export=false", "train.checkpoint.weights_every=2"]

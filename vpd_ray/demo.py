@@ -57,13 +57,13 @@ def read_photo(path: str) -> np.ndarray:
 
 
 def needs_sentence(task: Any) -> bool:
-    """Sentence tasks (referring) tokenise text; the criterion of the inference path's batch builder."""
+    """Sentence tasks (referring) tokenise text: the page shows them a sentence box."""
     return hasattr(task, "tokenize")
 
 
 def depth_range(task: Any) -> float | None:
-    """The model's output range in metres (``max_depth``) for depth-like tasks, else None."""
-    return getattr(task.cfg, "max_depth", None)
+    """The model's output range in metres (``max_depth``) for depth tasks, else None."""
+    return task.cfg.max_depth if task.output_kind == "depth" else None
 
 
 def class_names(task: Any) -> tuple[str, ...]:
@@ -90,16 +90,16 @@ def predict(model: Any, task_name: str, image: np.ndarray, sentence: str | None,
             device: Any) -> np.ndarray:
     """One photo -> the task's map at the photo's size (float metres, or uint8 class ids / 0-1 mask).
 
-    The batch and the output map come from the batch-inference path (``model_inputs``, ``to_map``);
-    depth gets the mean class embedding, as every photo of unknown scene there.
+    As batch inference does: the task builds the batch (``inference_batch``; a photo has no meta, so
+    depth gets the mean class embedding) and ``to_map`` turns the output into the photo-sized map.
     """
     import torch
 
-    from vpd_ray.inference.predictor import model_inputs, to_map
+    from vpd_ray.inference.predictor import to_map
 
     fitted = np.array(model_size(image, max_side))  # a writable copy for torch
     pixels = torch.from_numpy(fitted).to(device).permute(2, 0, 1)[None].float() / 255.0  # [1,3,H,W]
-    batch = model_inputs(model.tasks[task_name], pixels, [sentence], protocol=False)
+    batch = model.tasks[task_name].inference_batch(pixels, [{"meta": {}, "sentence": sentence}], protocol=False)
     with torch.inference_mode():
         output = model(task_name, batch)
     return to_map(output[0], image.shape[:2])
@@ -108,10 +108,10 @@ def predict(model: Any, task_name: str, image: np.ndarray, sentence: str | None,
 # --- output -------------------------------------------------------------------------------------
 def show(task: Any, image: np.ndarray, prediction: np.ndarray, sentence: str | None,
          scale: str = SCALE_PHOTO) -> tuple[np.ndarray, str]:
-    """(picture, one-line readout) of a prediction: the photo beside the task's panel."""
-    if prediction.dtype.kind == "f":
+    """(picture, one-line readout) of a prediction: the photo beside the panel of its ``output_kind``."""
+    if task.output_kind == "depth":
         return _show_depth(image, prediction, depth_range(task) if scale == SCALE_MODEL else None)
-    if needs_sentence(task):
+    if task.output_kind == "mask":
         share = float((prediction > 0).mean())
         readout = f"Mask: {share:.1%} of the photo ({int((prediction > 0).sum())} px) for “{sentence}”."
         return vz.render([vz.image_panel(image, "photo"), vz.refer_panel(image, prediction, sentence)]), readout
@@ -130,25 +130,25 @@ def _show_depth(image: np.ndarray, depth: np.ndarray, max_depth: float | None) -
     return vz.render([vz.image_panel(image, "photo"), panel]), readout
 
 
+RAW_SUFFIX = {"depth": "depth_mm", "labels": "labels", "mask": "mask"}  # by output_kind
+
+
 def write_raw(prediction: np.ndarray, task: Any, directory: Path, stem: str) -> Path:
     """The raw output as ``python -m vpd_ray.infer`` writes it: 16-bit mm PNG or index PNG.
 
-    Segmentation PNGs carry the ADE20K palette (ignored: black), so a viewer shows the demo's colours.
+    Label PNGs carry the ADE20K palette (ignored: black) instead of infer's VOC palette, so a viewer
+    shows the page's colours; the pixel values, the class ids, are the same.
     """
     from vpd_ray.inference import writers
 
-    if prediction.dtype.kind == "f":
-        path = directory / f"{stem}_depth_mm.png"
-        writers.write_depth_png(path, prediction)
-    elif needs_sentence(task):
-        path = directory / f"{stem}_mask.png"
-        writers.write_label_png(path, prediction)
-    else:
-        path = directory / f"{stem}_labels.png"
+    path = directory / f"{stem}_{RAW_SUFFIX[task.output_kind]}.png"
+    if task.output_kind == "labels":
         palette = np.zeros((256, 3), dtype=np.uint8)
         palette[: len(vz.ADE20K_PALETTE)] = vz.ADE20K_PALETTE
         palette[vz.IGNORE_INDEX] = vz.IGNORE_RGB
         writers.write_label_png(path, prediction, palette)
+    else:
+        writers.write_output(task.output_kind, path, prediction)
     return path
 
 

@@ -8,6 +8,7 @@ Runs every task's test protocol on its ``test_shards`` (from CONFIG), split over
 authors' released depth ``.pth`` (loaded into the model CONFIG describes, every key reported).
 A checkpoint or run directory is consolidated once, in one Ray task, and its fp32 weights reach
 every worker through the object store; a package is read by each worker (safetensors, mmapped).
+The job is :mod:`vpd_ray.engine.eval_job`; this module only parses arguments.
 """
 
 from __future__ import annotations
@@ -15,161 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
-from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
-
-# (metric key, column) of the seed table; a task class may name its own as ``paper_row``.
-SEED_ROW = (("rmse", "RMSE"), ("d1", "d1"), ("d2", "d2"), ("d3", "d3"), ("abs_rel", "REL"), ("log10", "log10"))
-
-
-def load_model(cfg: DictConfig, path: str, weights: Any = None) -> Any:
-    """A ``VPDModel`` with the weights at ``path`` (package, checkpoint / run dir, or authors' .pth).
-
-    A checkpoint or run directory is consolidated here, unless ``weights`` (the ObjectRef of
-    :func:`share_checkpoint`) holds it consolidated already: then ``path`` is not even looked at.
-    """
-    from vpd_ray.modeling import build_model
-    from vpd_ray.package import WEIGHTS, load_package
-
-    if weights is not None:
-        import ray
-
-        return model_from_weights(ray.get(weights))
-    if os.path.isfile(os.path.join(path, WEIGHTS)):
-        return load_package(path)[0]
-    if os.path.isdir(path):
-        return model_from_weights(consolidated_weights(path))
-    from vpd_ray.model.checkpoint import load_vpd_depth_checkpoint
-
-    model = build_model(cfg)
-    print(load_vpd_depth_checkpoint(path, model).summary(), flush=True)
-    return model.eval()
-
-
-def consolidated_weights(path: str) -> dict[str, Any]:
-    """The checkpoint at ``path`` (or the best of a run) as plain data that rebuilds the model.
-
-    ``{"source": directory, "config": resolved config dict, "architecture": ..., "state": {name: fp32
-    ndarray}}``: numpy arrays, because the object store hands those to every process of a node
-    zero-copy from shared memory (torch tensors would be copied out per worker).
-    """
-    from vpd_ray.engine.checkpoint import CONFIG, consolidated_state_dict
-    from vpd_ray.engine.checkpoint import find_checkpoint
-    from vpd_ray.package import load_config, read_architecture
-
-    directory = find_checkpoint(path)
-    return {"source": directory,
-            "config": OmegaConf.to_container(load_config(os.path.join(directory, CONFIG)), resolve=True),
-            "architecture": read_architecture(directory),
-            "state": {name: t.numpy() for name, t in consolidated_state_dict(directory).items()}}
-
-
-def model_from_weights(weights: dict[str, Any]) -> Any:
-    """The eval-mode ``VPDModel`` of :func:`consolidated_weights`' dict, loaded strictly."""
-    import warnings
-
-    import torch
-
-    from vpd_ray.config import from_container
-    from vpd_ray.modeling import build_model
-    from vpd_ray.package import load_strict
-
-    model = build_model(from_container(weights["config"]), weights["architecture"])
-    with warnings.catch_warnings():  # read-only shared memory; load_state_dict only copies from it
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        state = {name: torch.from_numpy(array) for name, array in weights["state"].items()}
-    load_strict(model, state, source=weights["source"])
-    return model.eval()
-
-
-def _consolidation_task(path: str) -> tuple[str, dict[str, Any]]:
-    """Ray task: ``(source, weights)``; the small first return lets the driver see the outcome (or
-    the error) without fetching the weights."""
-    weights = consolidated_weights(path)
-    return weights["source"], weights
-
-
-def share_checkpoint(path: str) -> Any:
-    """Consolidate the checkpoint or run at ``path`` once, in one Ray task (where the storage is: the
-    driver needs neither the files nor the RAM); returns the ObjectRef of its weights.
-
-    Returns once the task is done, so eval workers that wait on the ref cannot hold the CPUs the
-    task needs.
-    """
-    import ray
-
-    source, weights = ray.remote(num_cpus=1, num_returns=2)(_consolidation_task).remote(path)
-    print(f"consolidated {ray.get(source)} once; the eval workers share it through the object store", flush=True)
-    return weights
-
-
-def eval_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker: load the model, evaluate this rank's part of each test split, report."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from vpd_ray.config import from_container
-    from vpd_ray.data.pipeline import build_stream
-    from vpd_ray.engine.evaluation import evaluate_task, report_metrics
-
-    cfg = from_container(loop_config["config"])
-    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
-    model = load_model(cfg, loop_config["checkpoint"], loop_config.get("weights")).to(device)
-    metrics = {}
-    for name, section in cfg.tasks.items():
-        task = model.tasks[name]
-        stream = build_stream(section.test_shards, task.eval_transform, train=False,
-                              batch_size=section.eval_batch_size, fields=task.fields,
-                              num_workers=cfg.data.num_workers, max_corrupt=cfg.data.max_corrupt)
-
-        def forward(images: torch.Tensor, batch: dict[str, Any], name: str = name) -> Any:
-            return model.forward_images(name, images, batch)
-
-        with torch.no_grad():
-            metrics.update(evaluate_task(task, forward, stream, device))
-    report_metrics(metrics)
-
-
-def evaluate(cfg: DictConfig, checkpoint: str) -> dict[str, float]:
-    """Metrics of ``checkpoint`` on the test shards, over ``cfg.scaling`` Ray workers."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from vpd_ray.package import WEIGHTS
-
-    if not ray.is_initialized():
-        ray.init()
-    checkpoint = os.path.abspath(checkpoint)
-    loop_config = {"config": OmegaConf.to_container(cfg, resolve=True), "checkpoint": checkpoint}
-    # A checkpoint or run dir is consolidated once for all workers; a package each worker mmaps itself.
-    if os.path.isdir(checkpoint) and not os.path.isfile(os.path.join(checkpoint, WEIGHTS)):
-        loop_config["weights"] = share_checkpoint(checkpoint)
-    trainer = TorchTrainer(
-        eval_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=dict(cfg.scaling.resources_per_worker) or None),
-        run_config=RunConfig(name=f"{cfg.run.name}-eval-{int(time.time())}", storage_path=cfg.run.storage_path),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-    )
-    return dict(trainer.fit().metrics)
-
-
-def seed_rows(metrics: dict[str, float]) -> list[str]:
-    """One line per task: the seed table's columns that the task reports."""
-    from vpd_ray.tasks import get_task
-
-    rows = []
-    for task in sorted({key.split("/")[0] for key in metrics}):
-        columns = getattr(get_task(task), "paper_row", SEED_ROW)
-        cells = [(label, metrics[f"{task}/{key}"]) for key, label in columns if f"{task}/{key}" in metrics]
-        if cells:
-            rows.append(f"{task}: " + "  ".join(f"{label} {value:.4f}" for label, value in cells))
-    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,8 +23,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from vpd_ray import launch
     from vpd_ray.config import deferred_checks, exit_config_error, load_or_exit
+    from vpd_ray.engine.eval_job import evaluate, seed_rows
     from vpd_ray.paths import PathCheck, is_remote, problem
     from vpd_ray.plan import describe_evaluation
+    from vpd_ray.preflight import check_remote_paths
 
     parser = argparse.ArgumentParser(prog="python -m vpd_ray.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML config whose tasks name test_shards")
@@ -200,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         launch.finish_dry_run(deferred)
     if not ray.is_initialized():
         ray.init()
-    launch.check_remote_paths(cfg, deferred)
+    check_remote_paths(cfg, deferred)
     metrics = evaluate(cfg, args.checkpoint)
     for row in seed_rows(metrics):
         print(row)

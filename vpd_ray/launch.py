@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from omegaconf import DictConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,13 +33,3 @@ def finish_dry_run(deferred: list) -> None:
         print(f"[vpd] plan: checked on a worker node at launch: {keys}", flush=True)
     print("[vpd] dry run: config valid, nothing started", flush=True)
     sys.exit(0)
-
-
-def check_remote_paths(cfg: DictConfig, deferred: list) -> None:
-    """Run the deferred path checks on a worker node (Ray initialised); a problem exits 2."""
-    from vpd_ray.config import exit_config_error
-    from vpd_ray.preflight import check_on_worker
-
-    found = check_on_worker(cfg, deferred)
-    if found:
-        exit_config_error(found[0])

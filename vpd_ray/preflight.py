@@ -44,3 +44,12 @@ def check_on_worker(cfg: DictConfig, checks: list[PathCheck]) -> list[str]:
     node, found = ray.get(task.remote(checks))
     log.info("[vpd] checked %d path(s) on worker node %s: %s", len(checks), node, "ok" if not found else found[0])
     return found
+
+
+def check_remote_paths(cfg: DictConfig, deferred: list) -> None:
+    """Run the deferred path checks on a worker node (Ray initialised); a problem exits 2."""
+    from vpd_ray.config import exit_config_error
+
+    found = check_on_worker(cfg, deferred)
+    if found:
+        exit_config_error(found[0])

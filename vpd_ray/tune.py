@@ -48,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from vpd_ray.preflight import check_remote_paths
     from vpd_ray.sweep.runner import build_tuner, init_ray, write_outputs
 
     init_ray(args.ray_address, args.num_cpus)
-    launch.check_remote_paths(base, deferred)
+    check_remote_paths(base, deferred)
     try:
         result_grid = build_tuner(sweep, base).fit()
         best = write_outputs(sweep, base, result_grid)

@@ -225,25 +225,25 @@ def render(panels: Sequence[Panel], panel_inches: float = 4.0, dpi: int = 100) -
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
     from matplotlib.transforms import offset_copy
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
     from PIL import Image
 
     if not panels:
         raise ValueError("render needs at least one panel")
     aspect = max(p.pixels.shape[0] / max(p.pixels.shape[1], 1) for p in panels)
-    fig = Figure(figsize=(panel_inches * len(panels), panel_inches * min(aspect, 2.0) + 0.8), dpi=dpi,
-                 layout="constrained")
-    # colour bars, captions and legends: outside the layout (the images keep their size), inside the crop
-    outside: list = []
+    fig = Figure(figsize=(panel_inches * len(panels), panel_inches * min(aspect, 2.0) + 0.8), dpi=dpi)
+    outside: list = []  # captions and legends under the images: inside the crop
     FigureCanvasAgg(fig)
-    for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+    gap = 0.6 if any(p.scale for p in panels) else 0.3  # between images: y labels, colour bars and their labels
+    axes = fig.subplots(1, len(panels), squeeze=False, gridspec_kw={"wspace": gap})[0]
+    for ax, panel in zip(axes, panels):
         ax.imshow(panel.pixels, interpolation="nearest")
         ax.set_title(panel.title)
         ax.set_xlabel("x (px)")
         ax.set_ylabel("y (px)")
         if panel.scale is not None:
             s = panel.scale
-            bar = ax.inset_axes((1.04, 0.0, 0.05, 1.0))  # beside the image, exactly as tall
-            bar.set_in_layout(True)  # the layout leaves room for it and its label
+            bar = make_axes_locatable(ax).append_axes("right", size="5%", pad=0.08)  # exactly as tall as the image
             fig.colorbar(ScalarMappable(Normalize(s.vmin, s.vmax), s.cmap), cax=bar, label=s.label)
         offset = AXIS_LABEL_PT  # below the tick labels and the x axis label
         if panel.caption:
@@ -255,8 +255,6 @@ def render(panels: Sequence[Panel], panel_inches: float = 4.0, dpi: int = 100) -
             anchor = offset_copy(ax.transAxes, fig=fig, y=-offset, units="points")
             outside.append(ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0),
                                    bbox_transform=anchor, ncol=2, fontsize="small", frameon=False, borderaxespad=0))
-    for artist in outside:
-        artist.set_in_layout(False)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight", bbox_extra_artists=outside, pad_inches=0.1)
     return np.asarray(Image.open(buffer).convert("RGB"))

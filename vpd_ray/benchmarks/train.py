@@ -68,18 +68,10 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
 
 
 def ray_seconds_per_step(cfg: Any, steps: int, warmup: int) -> float:
-    from omegaconf import OmegaConf
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from vpd_ray.engine.train_job import torch_trainer
 
-    trainer = TorchTrainer(
-        _ray_worker,
-        train_loop_config={"config": OmegaConf.to_container(cfg, resolve=True), "steps": steps, "warmup": warmup},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=dict(cfg.scaling.resources_per_worker) or None),
-        run_config=RunConfig(name=f"bench-{int(time.time())}", storage_path=cfg.run.storage_path),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-    )
+    trainer = torch_trainer(_ray_worker, {"steps": steps, "warmup": warmup}, cfg, f"bench-{int(time.time())}",
+                            num_workers=1)
     return trainer.fit().metrics["seconds_per_step"]
 
 

@@ -18,24 +18,21 @@ from vpd_ray.data import decode
 from vpd_ray.inference import sources, writers
 
 WRITTEN, SKIPPED, FAILED = "written", "skipped", "failed"
-# Depth context for photos with no known scene class: the mean class embedding (VPD.md).
-UNKNOWN_CLASS = -1
 
 
-def scene_class(row: dict[str, Any]) -> int | None:
-    """The scene class id a shard row's ``json`` names (NYU shards: ``class_id``), else None.
-
-    Evaluation feeds depth the scene's own class embedding; inference on the same shards does too,
-    instead of the mean embedding meant for photos of unknown scenes.
-    """
+def row_meta(row: dict[str, Any]) -> dict[str, Any]:
+    """A shard row's ``json`` metadata (the task reads what it needs, e.g. depth's scene class, as in
+    evaluation), ``{}`` for a photo; a malformed field is an error naming it."""
     raw = row.get("json")
     if raw is None:
-        return None
+        return {}
     try:
-        class_id = json.loads(raw).get("class_id")
-    except (ValueError, AttributeError) as err:
+        meta = json.loads(raw)
+    except ValueError as err:
         raise ValueError(f"unreadable json field: {err}") from None
-    return class_id if isinstance(class_id, int) and not isinstance(class_id, bool) else None
+    if not isinstance(meta, dict):
+        raise ValueError(f"json field is a {type(meta).__name__}, not an object")
+    return meta
 
 
 def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -90,19 +87,19 @@ class Predictor:
     # --- one batch ----------------------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         statuses: list[tuple[str, str, str, str]] = []  # (source, name, status, error)
-        todo: list[tuple[str, str, np.ndarray, str | None, int | None]] = []  # (source, name, image, sentence, class)
+        todo: list[tuple[str, str, np.ndarray, dict[str, Any]]] = []  # (source, name, image, task inputs)
         for row in _rows(batch):
             source, name = self._identify(row)
             if sources.output_path(self.output_dir, name).exists():
                 statuses.append((source, name, SKIPPED, ""))
                 continue
             try:
-                image, class_id = self._decode(row), scene_class(row)
+                image, inputs = self._decode(row), {"meta": row_meta(row), "sentence": row.get("sentence")}
             except Exception as err:  # noqa: BLE001 - any unreadable input is reported, not fatal
                 statuses.append((source, name, FAILED, f"{type(err).__name__}: {err}"))
                 continue
-            todo.append((source, name, image, row.get("sentence"), class_id))
-        predictions = self.predict([t[2] for t in todo], [t[3] for t in todo], [t[4] for t in todo])
+            todo.append((source, name, image, inputs))
+        predictions = self.predict([t[2] for t in todo], [t[3] for t in todo])
         for (source, name, *_), prediction in zip(todo, predictions):
             if isinstance(prediction, str):
                 statuses.append((source, name, FAILED, prediction))
@@ -131,26 +128,20 @@ class Predictor:
         return decode.decode_image(data)
 
     def _write(self, name: str, prediction: np.ndarray) -> None:
-        """A float map is depth-like (16-bit mm PNG, optional preview); integer maps are class ids."""
-        path = sources.output_path(self.output_dir, name)
-        if prediction.dtype.kind == "f":
-            writers.write_depth_png(path, prediction)
-            if self.preview:
-                writers.write_depth_preview(self.output_dir / "preview" / f"{name}.jpg", prediction)
-        else:
-            writers.write_label_png(path, prediction)
+        """The writer of the task's ``output_kind`` (depth: 16-bit mm PNG; labels, masks: index PNGs)."""
+        writers.write_output(self.task.output_kind, sources.output_path(self.output_dir, name), prediction)
+        if self.preview and self.task.output_kind == "depth":
+            writers.write_depth_preview(self.output_dir / "preview" / f"{name}.jpg", prediction)
 
     # --- the model ----------------------------------------------------------------------------
-    def predict(
-        self, images: list[np.ndarray], sentences: list[str | None], class_ids: list[int | None] | None = None
-    ) -> list[np.ndarray | str]:
+    def predict(self, images: list[np.ndarray], inputs: list[dict[str, Any]] | None = None) -> list[np.ndarray | str]:
         """Per image: its prediction at its own size (float HxW for a regression map, uint8 HxW for
         labels), or the reason the model refused it (e.g. a protocol that needs another image size).
 
-        ``class_ids``: each image's scene class where known (None: unknown). Images of equal size
-        after ``max_side`` share one forward pass.
+        ``inputs``: per image, what the task's ``inference_batch`` reads (``meta``, ``sentence``;
+        default: none). Images of equal size after ``max_side`` share one forward pass.
         """
-        class_ids = class_ids or [None] * len(images)
+        inputs = inputs or [{"meta": {}, "sentence": None} for _ in images]
         results: list[np.ndarray | str] = [""] * len(images)
         fitted = [_fit(image, self.max_side) for image in images]
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -158,60 +149,23 @@ class Predictor:
             groups.setdefault(image.shape, []).append(i)
         for indices in groups.values():
             try:
-                outputs = self._forward(
-                    np.stack([fitted[i] for i in indices]),
-                    [sentences[i] for i in indices],
-                    [class_ids[i] for i in indices],
-                    [images[i].shape[:2] for i in indices],
-                )
+                outputs = self._forward(np.stack([fitted[i] for i in indices]), [inputs[i] for i in indices],
+                                        [images[i].shape[:2] for i in indices])
             except ValueError as err:  # the task's own check of its inputs, e.g. window vs image size
                 outputs = [f"ValueError: {err}"] * len(indices)
             for i, output in zip(indices, outputs):
                 results[i] = output
         return results
 
-    def _forward(
-        self, images: np.ndarray, sentences: list[str | None], class_ids: list[int | None],
-        sizes: list[tuple[int, int]],
-    ) -> list[np.ndarray]:
+    def _forward(self, images: np.ndarray, inputs: list[dict[str, Any]], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         """One stacked batch ``[B,H,W,3]`` uint8 -> per-image maps resized to ``sizes``."""
         import torch
 
         pixels = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 255.0  # [B,3,H,W]
-        batch = model_inputs(self.task, pixels, sentences, self.protocol, class_ids)
+        batch = self.task.inference_batch(pixels, inputs, self.protocol)
         with torch.inference_mode():
             output = self.model.predict(self.task.name, batch) if self.protocol else self.model(self.task.name, batch)
         return [to_map(item, size) for item, size in zip(output, sizes)]
-
-
-def model_inputs(
-    task: Any, pixels: Any, sentences: list[str | None], protocol: bool, class_ids: list[int | None] | None = None
-) -> dict[str, Any]:
-    """The batch a task needs for unlabelled images ``pixels`` ``[B,3,H,W]`` in [0,1].
-
-    Scene-class tasks (depth) get each image's class id from ``class_ids``, or -1 where unknown, i.e.
-    the mean class embedding (VPD.md: the default for arbitrary photos); sentence tasks (referring)
-    get the tokenised sentences, as one sentence slot per image (``[B,1,T]`` plus ``sentence_valid``)
-    for the test protocol.
-    """
-    import torch
-
-    batch: dict[str, Any] = {"image": pixels}
-    b = pixels.shape[0]
-    if hasattr(task, "tokenize"):
-        if any(s is None for s in sentences):
-            raise ValueError(f"task {task.name!r} needs a sentence per image: "
-                             "give --input a JSONL of (image, sentence) lines")
-        ids = task.tokenize(list(sentences)).to(pixels.device)  # [B,T]
-        if protocol:
-            ids = ids[:, None]
-            batch["sentence_valid"] = torch.ones(b, 1, dtype=torch.bool, device=pixels.device)
-        batch["input_ids"] = ids
-    else:
-        known = class_ids or [None] * b
-        ids = [UNKNOWN_CLASS if c is None else c for c in known]
-        batch["class_id"] = torch.tensor(ids, dtype=torch.long, device=pixels.device)
-    return batch
 
 
 def to_map(output: Any, size: tuple[int, int]) -> np.ndarray:

@@ -89,3 +89,12 @@ def write_label_png(path: Path, label: np.ndarray, palette: np.ndarray | None = 
     image = Image.fromarray(label.astype(np.uint8))  # mode "L"; putpalette turns it into "P"
     image.putpalette((index_palette() if palette is None else palette).reshape(-1).tolist())
     atomic_save(image, path)
+
+
+def write_output(kind: str, path: Path, prediction: np.ndarray) -> None:
+    """The file of one prediction of a task's ``output_kind``: depth (metres) as a 16-bit mm PNG,
+    labels and masks as index PNGs."""
+    writers = {"depth": write_depth_png, "labels": write_label_png, "mask": write_label_png}
+    if kind not in writers:
+        raise ValueError(f"no writer for output kind {kind!r}; known: {', '.join(writers)}")
+    writers[kind](path, prediction)

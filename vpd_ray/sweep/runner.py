@@ -2,7 +2,7 @@
 
     Tuner(ASHA on the task metric, max_concurrent_trials from the cluster)
       trial = run_trial(config): compose the training config + sampled values, build the trainer's
-              own TorchTrainer (vpd_ray.train.build_trainer) named by the trial id, forward its
+              own TorchTrainer (vpd_ray.engine.train_job.build_trainer) named by the trial id, forward its
               validation reports to Tune, fit
     -> trials.csv / trials.md / trials.png, best.yaml, best_package/  in <storage_path>/<name>/
 
@@ -68,16 +68,13 @@ def run_trial(config: dict[str, Any], sweep: DictConfig) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from vpd_ray.config import load
+    from vpd_ray.engine.train_job import build_trainer
     from vpd_ray.paths import EVERY_PATH
-    from vpd_ray.train import build_trainer
 
     trial_id = tune.get_context().get_trial_id()
     # Paths were checked at launch; a trial's process may run on a node that does not mount them.
     cfg = load(sweep.train_config, trial_overrides(sweep, config, trial_id), remote=EVERY_PATH)
-    trainer = build_trainer(cfg)
-    # build_trainer has no callbacks argument; its RunConfig always holds a list after construction.
-    trainer.run_config.callbacks.append(TuneReportCallback())
-    result = trainer.fit()
+    result = build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
     if result.error is not None:
         raise result.error
 

@@ -71,6 +71,10 @@ class Task:
     metric_mode: ClassVar[str]  # "min" or "max"
     # Shard fields this task decodes (a whitelist: anything else in a shard is an error).
     fields: ClassVar[tuple[str, ...]]
+    # The paper's table columns for this task, (metric key, column label): `python -m vpd_ray.evaluate` prints them.
+    paper_row: ClassVar[tuple[tuple[str, str], ...]]
+    # What a prediction is, so inference picks the writer: "depth" (metres), "labels" (class ids), "mask" (0/1).
+    output_kind: ClassVar[str]
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -109,4 +113,14 @@ class Task:
         raise NotImplementedError
 
     def eval_transform(self, sample: Sample) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # --- inference side -------------------------------------------------------------------------
+    def inference_batch(self, pixels: torch.Tensor, inputs: list[dict[str, Any]], protocol: bool) -> Batch:
+        """The batch for unlabelled images ``pixels`` ``[B,3,H,W]`` in [0,1] (photos, shards, a demo).
+
+        ``inputs``: per image, ``{"meta": dict (a shard's json, or {}), "sentence": str or None}``;
+        ``protocol``: the batch feeds :meth:`predict` (the test-time protocol) rather than a forward.
+        A missing input the task needs is a ValueError naming it.
+        """
         raise NotImplementedError

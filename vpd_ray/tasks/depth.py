@@ -103,6 +103,8 @@ class DepthTask(Task):
     primary_metric = "rmse"
     metric_mode = "min"
     fields = ("jpg", "png", "depth.png", "json")
+    paper_row = (("rmse", "RMSE"), ("d1", "d1"), ("d2", "d2"), ("d3", "d3"), ("abs_rel", "REL"), ("log10", "log10"))
+    output_kind = "depth"
     cfg: DepthConfig
 
     # --- model side -------------------------------------------------------------------------
@@ -145,11 +147,17 @@ class DepthTask(Task):
         image, depth = eval_transform(sample["image"], sample["depth"])
         return {"image": image, "depth": depth, "class_id": self._class_id(sample)}
 
+    def inference_batch(self, pixels: torch.Tensor, inputs: list[dict[str, Any]], protocol: bool) -> Batch:
+        """Each image's scene class where its meta names one (NYU shards, as evaluation does), else -1:
+        the mean class embedding, VPD.md's default for photos of unknown scenes."""
+        ids = torch.stack([self._class_id(item) for item in inputs]).to(pixels.device)
+        return {"image": pixels, "class_id": ids}
+
     def _class_id(self, sample: Sample) -> torch.Tensor:
         """``meta["class_id"]``, else the index of ``meta["scene"]`` in the class set, else -1 (unknown)."""
         from vpd_ray.model.text import class_names
 
-        meta = sample.get("meta", {})
+        meta = sample.get("meta") or {}
         if "class_id" in meta:
             return torch.tensor(int(meta["class_id"]), dtype=torch.long)
         names = class_names(self.cfg.class_set)

@@ -64,6 +64,7 @@ class ReferTask(Task):
     fields = ("jpg", "png", "mask.png", "json")
     # The paper's table columns for this task: (metric key, column label), for `python -m vpd_ray.evaluate`.
     paper_row = tuple((f"P@{t:.1f}", f"P@{t:.1f}") for t in PRECISION_THRESHOLDS) + (("oIoU", "oIoU"), ("mIoU", "mIoU"))
+    output_kind = "mask"
     cfg: ReferConfig
 
     def __init__(self, cfg: ReferConfig):
@@ -94,6 +95,18 @@ class ReferTask(Task):
         return out.input_ids
 
     # --- model side -------------------------------------------------------------------------
+    def inference_batch(self, pixels: torch.Tensor, inputs: list[dict[str, Any]], protocol: bool) -> Batch:
+        """The tokenised sentence of each image; the protocol takes one sentence slot per image
+        (``[B,1,T]`` plus ``sentence_valid``), as a ref with one sentence in evaluation."""
+        sentences = [item.get("sentence") for item in inputs]
+        if any(not s for s in sentences):
+            raise ValueError("the refer task needs a sentence per image: give --input a JSONL of (image, sentence) lines")
+        ids = self.tokenize(sentences).to(pixels.device)  # [B,T]
+        if not protocol:
+            return {"image": pixels, "input_ids": ids}
+        valid = torch.ones(len(sentences), 1, dtype=torch.bool, device=pixels.device)
+        return {"image": pixels, "input_ids": ids[:, None], "sentence_valid": valid}
+
     @property
     def uses_attention_maps(self) -> bool:
         return True

@@ -131,6 +131,7 @@ class SegTask(Task):
     fields = ("jpg", "png", "label.png", "json")
     # The paper's table columns for this task: (metric key, column label), for `python -m vpd_ray.evaluate`.
     paper_row = (("mIoU", "mIoU"), ("aAcc", "aAcc"))
+    output_kind = "labels"
     cfg: SegConfig
 
     # --- model side -------------------------------------------------------------------------
@@ -206,6 +207,9 @@ class SegTask(Task):
             self.cfg.cat_max_ratio,
         )  # fmt: skip
         return {"image": image, "label": label}
+
+    def inference_batch(self, pixels: torch.Tensor, inputs: list[dict[str, Any]], protocol: bool) -> Batch:
+        return {"image": pixels}  # the context is every class embedding, whatever the image
 
     def eval_transform(self, sample: Sample) -> dict[str, Any]:
         """The image as stored (``predict`` resizes it) and the full-resolution label, as mmseg evaluates.

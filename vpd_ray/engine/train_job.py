@@ -1,0 +1,90 @@
+"""The training job, driver side: build the ``TorchTrainer`` (the one helper every Ray Train run of
+the project uses), fit or resume the run, and export its best checkpoint as a model package.
+
+Test hook: ``VPD_FAIL_ONCE_AT_STEP=N`` makes the last worker exit once after step N.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+FAIL_ENV = "VPD_FAIL_ONCE_AT_STEP"
+
+
+def torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any], cfg: DictConfig, name: str, *,
+                  num_workers: int | None = None, checkpoint_config: Any = None, max_failures: int = 0,
+                  callbacks: Sequence[Any] = ()) -> Any:
+    """Every ``TorchTrainer`` of the project: ``loop`` on ``scaling`` workers (``num_workers``
+    overrides the count), the resolved config in ``loop_config["config"]``, the run in
+    ``<run.storage_path>/<name>``. Ray's own TorchConfig picks NCCL with GPUs and gloo without."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    scaling = ScalingConfig(num_workers=num_workers or cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                            resources_per_worker=dict(cfg.scaling.resources_per_worker) or None)
+    run_config = RunConfig(name=name, storage_path=cfg.run.storage_path, checkpoint_config=checkpoint_config,
+                           failure_config=FailureConfig(max_failures=max_failures), callbacks=list(callbacks))
+    loop_config = {"config": OmegaConf.to_container(cfg, resolve=True), **loop_config}
+    return TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
+
+
+def build_trainer(cfg: DictConfig, loop_extra: dict[str, Any] | None = None, callbacks: Sequence[Any] = ()) -> Any:
+    """The training ``TorchTrainer`` of a validated config: best ``keep`` checkpoints by the task
+    metric, ``run.max_failures`` restarts; ``callbacks`` (e.g. Tune's report callback) go to its RunConfig."""
+    from ray.train import CheckpointConfig
+
+    from vpd_ray.config import task_metric
+    from vpd_ray.engine.loop import train_loop
+
+    metric, mode = task_metric(cfg)
+    keep = CheckpointConfig(num_to_keep=cfg.train.checkpoint.keep, checkpoint_score_attribute=metric,
+                            checkpoint_score_order=mode)
+    return torch_trainer(train_loop, dict(loop_extra or {}), cfg, cfg.run.name, checkpoint_config=keep,
+                         max_failures=cfg.run.max_failures, callbacks=callbacks)
+
+
+def best_checkpoint(result: Any, cfg: DictConfig) -> Any:
+    """The best reported checkpoint by the configured metric (the latest if none carries it)."""
+    from vpd_ray.config import task_metric
+
+    metric, mode = task_metric(cfg)
+    scored = [(c, m[metric]) for c, m in (result.best_checkpoints or []) if metric in m]
+    if not scored:
+        return result.checkpoint
+    pick = min if mode == "min" else max
+    return pick(scored, key=lambda cm: cm[1])[0]
+
+
+def fit(cfg: DictConfig, deferred: list | None = None, callbacks: Sequence[Any] = ()) -> Any:
+    """Train (or resume) the run of a validated config; returns the Ray Train ``Result``.
+
+    ``deferred``: path checks left for a worker node (:func:`vpd_ray.config.deferred_checks`), run
+    once Ray is up and before anything is written.
+    """
+    import ray
+
+    from vpd_ray.config import local_run_dir, to_yaml
+    from vpd_ray.preflight import check_remote_paths
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS / a running cluster, else a local one
+    check_remote_paths(cfg, deferred or [])
+    run_dir = local_run_dir(cfg)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(to_yaml(cfg))
+    extra = {}
+    if os.environ.get(FAIL_ENV):
+        extra["fail_once_at_step"] = int(os.environ[FAIL_ENV])
+    result = build_trainer(cfg, extra, callbacks).fit()
+    if cfg.run.export:
+        from vpd_ray.engine.checkpoint import export_checkpoint
+
+        checkpoint = best_checkpoint(result, cfg)
+        with checkpoint.as_directory() as directory:  # a local copy if the storage is remote
+            out = export_checkpoint(directory, os.path.join(run_dir, "package"))
+        print(f"[vpd] model package: {out} (from {checkpoint.path})", flush=True)
+    return result
