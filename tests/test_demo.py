@@ -104,7 +104,8 @@ def test_large_photos_are_downscaled_for_the_model_only(packages, photos):
     assert np.asarray(Image.open(raw)).shape == (200, 300)
 
 
-def test_bad_inputs_are_one_line(packages, photos):
+def test_bad_inputs_are_one_line(packages, photos, monkeypatch):
+    from vpd_ray import demo as demo_module
     from vpd_ray.demo import Demo
 
     demo = Demo(packages["refer"])
@@ -120,6 +121,9 @@ def test_bad_inputs_are_one_line(packages, photos):
         demo.run("refer", str(photos / "coffee.jpg"), "   ")
     with pytest.raises(ValueError, match="not in this package"):
         demo.run("depth", str(photos / "coffee.jpg"), None)
+    monkeypatch.setattr(demo_module, "MAX_MEGAPIXELS", 0.05)  # the photo has 0.06
+    with pytest.raises(ValueError, match="coffee.jpg is 300x200 px; .* and 0.05 megapixels"):
+        demo.run("refer", str(photos / "coffee.jpg"), "the red circle")
 
 
 def test_cli_refuses_a_folder_that_is_no_package(tmp_path, capsys):

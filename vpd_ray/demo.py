@@ -40,16 +40,16 @@ def read_photo(path: str) -> np.ndarray:
     from vpd_ray.data import decode
 
     name = Path(path).name
+    limit = f"the demo takes at most {MAX_SIDE_PX} px a side and {MAX_MEGAPIXELS} megapixels"
     try:
         with Image.open(path) as image:
             width, height = image.size
-    except Image.DecompressionBombError:
-        raise ValueError(f"{name} is too large: at most {MAX_SIDE_PX} px a side and {MAX_MEGAPIXELS} megapixels") from None
+    except Image.DecompressionBombError:  # PIL's own limit, far above ours
+        raise ValueError(f"{name} is too large; {limit}") from None
     except OSError:  # PIL's UnidentifiedImageError is an OSError
         raise ValueError(f"{name} is not an image (JPEG, PNG, WebP, ...)") from None
     if max(width, height) > MAX_SIDE_PX or width * height > MAX_MEGAPIXELS * 1_000_000:
-        raise ValueError(f"{name} is {width}x{height} px; the demo takes at most {MAX_SIDE_PX} px a side and "
-                         f"{MAX_MEGAPIXELS} megapixels")
+        raise ValueError(f"{name} is {width}x{height} px; {limit}")
     try:
         return decode.decode_image(Path(path).read_bytes())
     except OSError as err:  # a truncated or corrupt file behind a valid header
@@ -211,7 +211,7 @@ def build_app(demo: Demo) -> Any:
 
     with gr.Blocks(title=f"VPD demo: {Path(demo.package).name}", analytics_enabled=False) as app:
         gr.Markdown(
-            f"## VPD: {Path(demo.package).resolve().name}\n"
+            "## VPD: try a model package\n"
             f"Package `{demo.package}` · task{'s' if len(demo.tasks) > 1 else ''}: {', '.join(demo.tasks)} · "
             f"running on **{demo.device_name()}** · photos up to {MAX_SIDE_PX} px a side and {MAX_MEGAPIXELS} "
             f"megapixels, downscaled to {demo.max_side or 'no limit'} px a side for the model (outputs keep the "
@@ -228,7 +228,8 @@ def build_app(demo: Demo) -> Any:
                                  visible=depth_range(first) is not None)
                 button = gr.Button("Predict", variant="primary", elem_id="predict")
             with gr.Column():
-                picture = gr.Image(label="Result", type="numpy", format="png", interactive=False, elem_id="result")
+                picture = gr.Image(label="Result", show_label=False, type="numpy", format="png", interactive=False,
+                                   elem_id="result")
                 readout = gr.Markdown(elem_id="readout")
                 raw = gr.File(label="Raw output (depth: 16-bit PNG in mm; labels / mask: index PNG)",
                               interactive=False, elem_id="raw")

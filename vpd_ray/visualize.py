@@ -18,15 +18,15 @@ Colours:
   ignored pixels (label 255) black, a colour the palette does not use.
 
 matplotlib is used through its object API (``Figure`` + the Agg canvas): no GUI backend, no global
-pyplot state, safe in threads (the demo's request handlers).
+pyplot state shared between the demo's request handlers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -241,10 +241,13 @@ def render(panels: Sequence[Panel], panel_inches: float = 4.0, dpi: int = 100) -
         ax.set_title(panel.title)
         ax.set_xlabel("x (px)")
         ax.set_ylabel("y (px)")
-        if panel.scale is not None:
-            s = panel.scale
+        if any(p.scale for p in panels):  # every image gives up the same width, so all are the same size
             bar = make_axes_locatable(ax).append_axes("right", size="5%", pad=0.08)  # exactly as tall as the image
-            fig.colorbar(ScalarMappable(Normalize(s.vmin, s.vmax), s.cmap), cax=bar, label=s.label)
+            if panel.scale is None:
+                bar.set_axis_off()
+            else:
+                s = panel.scale
+                fig.colorbar(ScalarMappable(Normalize(s.vmin, s.vmax), s.cmap), cax=bar, label=s.label)
         offset = AXIS_LABEL_PT  # below the tick labels and the x axis label
         if panel.caption:
             outside.append(ax.annotate(panel.caption, xy=(0.5, 0), xycoords="axes fraction", xytext=(0, -offset),
