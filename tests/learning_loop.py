@@ -62,7 +62,7 @@ def train(model, steps: int, lr: float, batch_size: int = 4, unet_lr_mult: float
                                 seed=seed, fields=task.fields, num_workers=0, shuffle_buffer=64))
         for name, task in model.tasks.items()
     }  # fmt: skip
-    optimizer = torch.optim.AdamW(param_groups(model.named_parameters(), lr, 0.01, unet_lr_mult), lr=lr)
+    optimizer = torch.optim.AdamW(param_groups(model.named_parameters(), lr, 0.01, unet_lr_mult))
     accum = len(model.tasks)
     stepper = Stepper(TorchEngine(model, optimizer, accum=accum, grad_clip=grad_clip or 0.0), model.tasks,
                       model.backbone.encode, accum=accum, seed=seed)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vpd_ray.model.backbone import VPDBackbone
-from vpd_ray.model.checkpoint import load_vpd_depth_checkpoint, remap_vpd_depth_state_dict
+from vpd_ray.model.authors_weights import load_vpd_depth_checkpoint, remap_vpd_depth_state_dict
 from vpd_ray.modeling import VPDModel
 from vpd_ray.tasks.depth import DepthConfig, DepthTask
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from vpd_ray.data import pipeline
+from vpd_ray.data.augment import color
 from vpd_ray.data.augment import depth as aug
 from vpd_ray.data.decode import ForbiddenFieldError
 from vpd_ray.data.pipeline import build_stream, plan_epoch
@@ -214,7 +215,7 @@ def test_cut_depth_on_a_quarter_of_samples(monkeypatch):
 def test_hsv_round_trip_and_eval_prepare():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    back = aug.hsv8_to_rgb(aug.rgb_to_hsv8(image)).astype(int)
+    back = color.hsv8_to_rgb(color.rgb_to_hsv8(image)).astype(int)
     assert np.abs(back - image).max() <= 4  # 2-degree hue steps, as in OpenCV's 8-bit HSV
     img_t, depth_t = aug.eval_prepare(*_ramp())
     assert img_t.shape == (3, 48, 64) and depth_t.shape == (1, 48, 64)

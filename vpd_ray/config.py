@@ -22,8 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vpd_ray.batching import LR_SCALINGS, BatchPlan
+from vpd_ray.errors import first_line
 from vpd_ray.model.backbone import BackboneConfig
-from vpd_ray.paths import SHARD_KEYS, WEIGHT_SUFFIXES, PathCheck, config_paths, expand_urls, is_local, is_remote, problem  # noqa: F401
+from vpd_ray.data.tario import is_local, local_path
+from vpd_ray.paths import SHARD_KEYS, PathCheck, config_paths, is_remote, problem
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,7 @@ class Config:
 
 def _one_line(err: Exception) -> str:
     """omegaconf messages are multi-line (key, object type); keep the value and the full key."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = first_line(err)
     key = getattr(err, "full_key", None)
     return f"{key}: {first}" if key and key not in first else first
 
@@ -171,7 +173,7 @@ def task_config(name: str, section: DictConfig) -> Any:
     try:
         return OmegaConf.to_object(section)
     except (ValueError, TypeError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = first_line(err)
         raise ConfigError(message if message.startswith(f"tasks.{name}") else f"tasks.{name}: {message}") from None
 
 
@@ -196,7 +198,7 @@ def compose(path: Optional[str] = None, overrides: List[str] = (), base: Optiona
         raise ConfigError(_one_line(err)) from None
     _type_tasks(cfg)
     if is_local(cfg.run.storage_path):
-        cfg.run.storage_path = os.path.abspath(os.path.expanduser(cfg.run.storage_path))
+        cfg.run.storage_path = os.path.abspath(os.path.expanduser(local_path(cfg.run.storage_path)))
     for task in cfg.tasks.values():
         for key in SHARD_KEYS:
             if task[key] is not None:
@@ -207,7 +209,7 @@ def compose(path: Optional[str] = None, overrides: List[str] = (), base: Optiona
 def _absolute_shards(spec: str) -> str:
     """Local shard paths made absolute on the driver, so workers need not share its working directory."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
-    return ",".join(os.path.abspath(os.path.expanduser(p)) if is_local(p) else p for p in parts)
+    return ",".join(os.path.abspath(os.path.expanduser(local_path(p))) if is_local(p) else p for p in parts)
 
 
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:

@@ -55,6 +55,7 @@ def fetch_once_per_node(cfg: DictConfig, local_rank: int, barrier: Callable[[], 
 
 def main(argv: list[str] | None = None) -> None:
     from vpd_ray.config import ConfigError, compose, exit_config_error
+    from vpd_ray.errors import first_line
 
     parser = argparse.ArgumentParser(prog="python -m vpd_ray.download", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="training YAML whose hub ids to fetch (e.g. configs/nyu.yaml)")
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         for (key, repo, _), folder in zip(repos, fetch(cfg, args.cache_dir)):
             print(f"{key}: {repo} -> {folder}")
     except Exception as err:  # the hub's many error types: unreachable, not found, gated
-        print(f"download error: {(str(err).strip().splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
+        print(f"download error: {first_line(err)}", file=sys.stderr)
         sys.exit(1)
 
 

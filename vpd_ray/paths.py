@@ -16,6 +16,9 @@ import dataclasses
 import os
 from typing import Any, Iterable
 
+from vpd_ray.data.tario import expand_urls, is_local, local_path
+from vpd_ray.errors import first_line
+
 WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 SHARD_KEYS = ("train_shards", "val_shards", "test_shards")
 HUB_TIMEOUT_S = 10
@@ -30,18 +33,6 @@ class PathCheck:
     kind: str  # "shards" (a brace pattern / comma list), "path" (must exist) or "weights" (path or hub id)
     value: str
     probe: str = "config.json"  # "weights": a file every copy of the repository has
-
-
-def expand_urls(spec: str) -> list[str]:
-    """Shard URLs of a brace pattern or comma list (``a-{000..003}.tar,b.tar``)."""
-    import braceexpand
-
-    return [url for part in spec.split(",") if part.strip() for url in braceexpand.braceexpand(part.strip())]
-
-
-def is_local(url: str) -> bool:
-    """A path on a machine's filesystem (not s3://, gs://, pipe:...)."""
-    return "://" not in url and not url.startswith("pipe:")
 
 
 def looks_like_hub_id(value: str) -> bool:
@@ -114,7 +105,7 @@ def problems(checks: Iterable[PathCheck]) -> list[str]:
 
 def _exists(url: str) -> bool:
     if is_local(url):
-        return os.path.exists(os.path.expanduser(url))
+        return os.path.exists(os.path.expanduser(local_path(url)))
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url)
@@ -124,13 +115,14 @@ def _exists(url: str) -> bool:
 def _shards_problem(check: PathCheck) -> str | None:
     if check.value is None:
         return f"{check.key}: required"
-    urls = expand_urls(check.value)
-    if not urls:
+    try:
+        urls = expand_urls(check.value)
+    except ValueError:
         return f"{check.key}: {check.value!r} names no shards"
     try:
         missing = [u for u in urls if not _exists(u)]
     except (ImportError, ValueError, OSError) as err:  # no fsspec backend for the scheme, no credentials
-        return f"{check.key}: cannot check {urls[0]}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        return f"{check.key}: cannot check {urls[0]}: {first_line(err)}"
     if missing:
         return f"{check.key}: {len(missing)} of {len(urls)} shards not found, first: {missing[0]}"
     return None
@@ -151,8 +143,7 @@ def _hub_problem(repo_id: str, probe: str) -> str | None:
     except errors.RepositoryNotFoundError:
         return f"hub id {repo_id!r}: no such repository on the Hugging Face hub (or it needs a token)"
     except Exception as err:  # connection refused, DNS, timeout, HTTP 5xx: all mean "not reachable"
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        return f"hub id {repo_id!r}: the Hugging Face hub is unreachable ({first}); {fetch}"
+        return f"hub id {repo_id!r}: the Hugging Face hub is unreachable ({first_line(err)}); {fetch}"
     return None
 
 

@@ -126,7 +126,7 @@ def checkpoint_sizes(counts: ModelCounts, workers: int, bf16: bool) -> Checkpoin
 def split_samples(cfg: DictConfig, key: str = "train_shards") -> dict[str, int | None]:
     """Per task, the sample count of split ``key`` from the manifests visible here (None: not visible)."""
     from vpd_ray.data.tario import read_manifest
-    from vpd_ray.paths import expand_urls
+    from vpd_ray.data.tario import expand_urls
 
     counts = {}
     for name, task in cfg.tasks.items():

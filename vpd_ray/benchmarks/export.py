@@ -51,7 +51,7 @@ def _save_rank(rank: int, config: dict[str, Any], directory: str, world: int, po
     groups = param_groups(model.named_parameters(), cfg.train.lr, cfg.train.weight_decay, cfg.train.unet_lr_mult)
     names = {id(p): n for n, p in model.named_parameters()}
     group_names = [[names[id(p)] for p in g["params"]] for g in groups]  # before DeepSpeed takes the groups
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=cfg.train.lr),
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups),
                                       config=deepspeed_config(cfg, micro_batch=1, grad_accum=1))
     images = torch.rand(1, 3, 128, 128)
     latents = engine.module.backbone.encode(images).to(torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32)

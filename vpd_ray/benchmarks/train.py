@@ -38,7 +38,7 @@ def bare_seconds_per_step(cfg: Any, steps: int, warmup: int) -> float:
     model = build_model(cfg).train()
     name, task = next(iter(model.tasks.items()))
     groups = param_groups(model.named_parameters(), cfg.train.lr, cfg.train.weight_decay, cfg.train.unet_lr_mult)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
+    optimizer = torch.optim.AdamW(groups)
     stepper = Stepper(TorchEngine(model, optimizer, grad_clip=cfg.train.grad_clip), model.tasks,
                       model.backbone.encode, seed=cfg.run.seed)
     return _seconds_per_step(stepper, name, _batches(cfg, task, warmup + steps), warmup)

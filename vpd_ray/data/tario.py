@@ -32,8 +32,8 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     urls: list[str] = []
     for part in parts:
         for url in braceexpand(part.strip()):
-            if _is_local(url) and os.path.isdir(_local_path(url)):
-                urls += sorted(os.path.join(url, n) for n in os.listdir(_local_path(url)) if n.endswith(".tar"))
+            if is_local(url) and os.path.isdir(local_path(url)):
+                urls += sorted(os.path.join(url, n) for n in os.listdir(local_path(url)) if n.endswith(".tar"))
             else:
                 urls.append(url)
     if not urls:
@@ -41,18 +41,19 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     return urls
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
+def is_local(url: str) -> bool:
+    """A path on a machine's filesystem (``file://`` included), not s3://, gs://, pipe:..."""
+    return ("://" not in url and not url.startswith("pipe:")) or url.startswith("file://")
 
 
-def _local_path(url: str) -> str:
+def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
 def open_url(url: str) -> IO[bytes]:
     """A binary file object for a local path or any URL fsspec knows (s3://, gs://, http://...)."""
-    if _is_local(url):
-        return open(_local_path(url), "rb")
+    if is_local(url):
+        return open(local_path(url), "rb")
     import fsspec
 
     return fsspec.open(url, "rb").open()

@@ -32,7 +32,7 @@ def load_model(cfg: DictConfig, path: str, weights: Any = None) -> Any:
         return load_package(path)[0]
     if os.path.isdir(path):
         return model_from_weights(consolidated_weights(path))
-    from vpd_ray.model.checkpoint import load_vpd_depth_checkpoint
+    from vpd_ray.model.authors_weights import load_vpd_depth_checkpoint
 
     model = build_model(cfg)
     print(load_vpd_depth_checkpoint(path, model).summary(), flush=True)

@@ -103,7 +103,7 @@ class Trainer:
         groups = param_groups(model.named_parameters(), self.plan.lr, cfg.train.weight_decay, cfg.train.unet_lr_mult)
         names = {id(p): n for n, p in model.named_parameters()}
         self.group_names = [[names[id(p)] for p in g["params"]] for g in groups]
-        optimizer = torch.optim.AdamW(groups, lr=self.plan.lr, betas=(0.9, 0.999))
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))  # each group has its lr
         self.accum = self.plan.accum
         micro = next(iter(self.plan.micro.values()))
         ds_cfg = deepspeed_config(cfg, micro_batch=micro, grad_accum=self.accum)

@@ -17,12 +17,15 @@ def _is_no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(".bias")
 
 
+def _is_unet(name: str) -> bool:
+    return ".unet." in f".{name}"
+
+
 def param_groups(
     named_params: Iterable[tuple[str, nn.Parameter]],
     lr: float,
     weight_decay: float,
     unet_lr_mult: float,
-    is_unet=lambda name: ".unet." in f".{name}",
 ) -> list[dict[str, Any]]:
     """AdamW groups: {UNet, rest} x {decay, no decay}; frozen parameters are left out.
 
@@ -34,7 +37,7 @@ def param_groups(
     for name, param in named_params:
         if not param.requires_grad:
             continue
-        key = (is_unet(name), _is_no_decay(name, param))
+        key = (_is_unet(name), _is_no_decay(name, param))
         buckets.setdefault(key, []).append(param)
         names.setdefault(key, []).append(name)
     groups = []
@@ -79,11 +82,10 @@ def lr_factor(step: int, max_steps: int, schedule: Any, lr: float) -> float:
     raise ValueError(f"train.schedule.kind: unknown schedule {kind!r}")
 
 
-def set_lr(optimizer: Any, factor: float) -> float:
-    """Scale every group's ``base_lr`` by ``factor``; returns the largest resulting LR (for logs)."""
+def set_lr(optimizer: Any, factor: float) -> None:
+    """Scale every group's ``base_lr`` by ``factor``."""
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
-    return max(group["lr"] for group in optimizer.param_groups)
 
 
 def deepspeed_config(cfg: Any, micro_batch: int, grad_accum: int) -> dict[str, Any]:

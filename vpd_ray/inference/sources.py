@@ -59,7 +59,7 @@ def _is_shard_spec(spec: str) -> bool:
 
 def _expand_shards(spec: str) -> list[str]:
     """Brace patterns (``nyu-{000..007}.tar``), comma lists and globs -> existing shard files."""
-    from vpd_ray.config import expand_urls
+    from vpd_ray.data.tario import expand_urls
 
     urls: list[str] = []
     for pattern in expand_urls(spec):

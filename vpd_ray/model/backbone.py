@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpd_ray.errors import first_line
 from vpd_ray.model.attention import AttentionMapStore, cross_attention_processors, request_maps
 
 SOURCES = ("tiny", "pretrained", "single_file")
@@ -146,7 +147,7 @@ class VPDBackbone(nn.Module):
             unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
             vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
         except (OSError, ValueError) as err:
-            raise ValueError(f"cannot load SD v1 UNet/VAE from {path!r}: {_first_line(err)}") from None
+            raise ValueError(f"cannot load SD v1 UNet/VAE from {path!r}: {first_line(err)}") from None
         return cls(unet, vae, attn_map_divisor=attn_map_divisor)
 
     @classmethod
@@ -167,7 +168,7 @@ class VPDBackbone(nn.Module):
             vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **kwargs)
         except (OSError, ValueError, RuntimeError) as err:
             raise ValueError(
-                f"cannot convert {path!r} with the UNet/VAE configs of {config_path!r}: {_first_line(err)}"
+                f"cannot convert {path!r} with the UNet/VAE configs of {config_path!r}: {first_line(err)}"
             ) from None
         return cls(unet, vae, attn_map_divisor=attn_map_divisor)
 
@@ -327,7 +328,3 @@ def _check_sd_v1(config: Any) -> None:
             f"UNet is not SD v1-shaped: down {down}, up {up}, layers_per_block {config.layers_per_block}; "
             f"expected down {SD_V1_DOWN_BLOCKS}, up {SD_V1_UP_BLOCKS}, layers_per_block 2"
         )
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -139,6 +139,13 @@ def save_class_embeddings(path: str, vectors: torch.Tensor, names: Sequence[str]
     save_file({CLASS_EMBEDDINGS_KEY: vectors.contiguous()}, path, metadata={"names": "\n".join(names)})
 
 
+def class_vectors(num_classes: int, path: str | None, dim: int) -> torch.Tensor:
+    """``[N, D]`` class embeddings from ``path``, or seeded random ones (tiny / synthetic runs)."""
+    if path:
+        return load_class_embeddings(path, num_classes=num_classes, dim=dim)
+    return torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(0))
+
+
 def load_class_embeddings(path: str, num_classes: int | None = None, dim: int | None = None) -> torch.Tensor:
     """``[N, D]`` from a file written by :func:`save_class_embeddings`, shape-checked when asked."""
     from safetensors import safe_open

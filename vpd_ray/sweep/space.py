@@ -3,8 +3,8 @@
 A space maps a dotted training-config key to one sampler::
 
     search_space:
-      optim.lr: {loguniform: [2.0e-4, 1.25e-3]}
-      data.crop_size: {choice: [[352, 352], [480, 480], [384, 512]]}
+      train.lr: {loguniform: [2.0e-4, 1.25e-3]}
+      tasks.depth.crop_size: {choice: [[480, 352], [480, 480], [480, 640]]}
 
 Each trial's config is then ``{key: sampled value}``, applied to the training config as
 ``key=value`` overrides, so the space can name any config field and needs no code change.

@@ -37,13 +37,7 @@ def _load_builtins() -> None:
         return
     _builtins_loaded = True
     for module in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            # A built-in task module that is not written yet is simply absent from the registry;
-            # any other missing module is a real error.
-            if err.name != module:
-                raise
+        importlib.import_module(module)
 
 
 def list_tasks() -> list[str]:

@@ -117,7 +117,10 @@ class DepthTask(Task):
         from vpd_ray.model.heads.depth import DepthHead
 
         if self.cfg.class_set not in backbone.class_embeddings:
-            vectors = class_vectors(self.cfg.class_set, self.cfg.class_embeddings, backbone.text_dim)
+            from vpd_ray.model.text import class_names, class_vectors
+
+            count = len(class_names(self.cfg.class_set))
+            vectors = class_vectors(count, self.cfg.class_embeddings, backbone.text_dim)
             backbone.class_embeddings[self.cfg.class_set] = ClassEmbeddings(vectors)
         return DepthHead(backbone.feature_info(), head_dim=self.cfg.head_dim, max_depth=self.cfg.max_depth)
 
@@ -163,13 +166,3 @@ class DepthTask(Task):
         names = class_names(self.cfg.class_set)
         scene = meta.get("scene")
         return torch.tensor(names.index(scene) if scene in names else -1, dtype=torch.long)
-
-
-def class_vectors(class_set: str, path: str | None, text_dim: int) -> torch.Tensor:
-    """``[N, D]`` class embeddings from ``path``, or seeded random ones (tiny / synthetic runs)."""
-    from vpd_ray.model.text import class_names, load_class_embeddings
-
-    count = len(class_names(class_set))
-    if path:
-        return load_class_embeddings(path, num_classes=count, dim=text_dim)
-    return torch.randn(count, text_dim, generator=torch.Generator().manual_seed(0))

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from vpd_ray.errors import first_line
 from vpd_ray.metrics.refer import PRECISION_THRESHOLDS, ReferMetric
 from vpd_ray.tasks import register_task
 from vpd_ray.contracts import Batch, Sample
@@ -190,8 +191,7 @@ def _load_clip(kind: str, path: str) -> Any:
     try:
         return getattr(transformers, kind).from_pretrained(path)
     except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"cannot load a {kind} from {path!r}: {first}") from None
+        raise ValueError(f"cannot load a {kind} from {path!r}: {first_line(err)}") from None
 
 
 def _bpe(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:

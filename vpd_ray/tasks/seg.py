@@ -113,15 +113,6 @@ def multiscale_probs(
     return total / views
 
 
-def seg_class_vectors(cfg: SegConfig, text_dim: int) -> torch.Tensor:
-    """``[K, D]`` from ``cfg.class_embeddings``, or seeded random vectors (tiny / synthetic runs)."""
-    from vpd_ray.model.text import load_class_embeddings
-
-    if cfg.class_embeddings:
-        return load_class_embeddings(cfg.class_embeddings, num_classes=cfg.num_classes, dim=text_dim)
-    return torch.randn(cfg.num_classes, text_dim, generator=torch.Generator().manual_seed(0))
-
-
 @register_task
 class SegTask(Task):
     name = "seg"
@@ -146,10 +137,12 @@ class SegTask(Task):
         """Semantic FPN on ``feature_info(K)``; registers ``backbone.class_embeddings[class_set]``."""
         from vpd_ray.model.backbone import ClassEmbeddings
         from vpd_ray.model.heads.seg import SemanticFPNHead
+        from vpd_ray.model.text import class_vectors
 
         name = self.cfg.class_set
         if name not in backbone.class_embeddings:
-            backbone.class_embeddings[name] = ClassEmbeddings(seg_class_vectors(self.cfg, backbone.text_dim))
+            backbone.class_embeddings[name] = ClassEmbeddings(
+                class_vectors(self.cfg.num_classes, self.cfg.class_embeddings, backbone.text_dim))
         elif backbone.class_embeddings[name].num_classes != self.cfg.num_classes:
             raise ValueError(
                 f"class set {name!r} is already on the backbone with {backbone.class_embeddings[name].num_classes} "

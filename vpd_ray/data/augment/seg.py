@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vpd_ray.data.augment.depth import hsv8_to_rgb, rgb_to_hsv8
+from vpd_ray.data.augment.color import hsv8_to_rgb, rgb_to_hsv8
 
 IGNORE_INDEX = 255
 

@@ -2,7 +2,7 @@
 
 Attribute names follow the authors' model (``layer1``, ``layer2``, ``out_layer`` of their encoder,
 ``decoder.deconv_layers`` / ``decoder.conv_layers``, ``last_layer_depth``) so that their checkpoint
-maps onto this module by a prefix change (``vpd_ray.model.checkpoint``).
+maps onto this module by a prefix change (``vpd_ray.model.authors_weights``).
 """
 
 from __future__ import annotations
