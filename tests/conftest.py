@@ -5,14 +5,83 @@
 - ``tiny_sd_checkpoint``: the same weights as one original-layout ``.safetensors`` file.
 - ``tiny_clip_dir``: a CLIP text model (32-d) + a CLIPTokenizer with a byte-level character vocabulary.
 - ``tiny_backbone_config``: ``BackboneConfig(source="tiny")``.
+- ``ray_head`` (session): the one Ray cluster of the test run, a 2-CPU token-auth head of our own on
+  127.0.0.1, with ``RAY_ADDRESS`` and the token in the environment of every process; ``ray_cluster``
+  (per module): this process connected to it. Entry points that connect themselves (``vpd_ray.tune``)
+  take ``ray_head`` only.
+- :func:`free_port`: a free 127.0.0.1 port.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 
 import pytest
 import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """Our own head, not ``ray.init()``'s: with no address, Ray Train's placement-group cleaner
+    guesses the cluster, and with other Ray instances on the machine it can pick one and kill our
+    workers. Yields the GCS address."""
+    import secrets
+
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": address}
+    temp_dir = tempfile.mkdtemp(prefix="vpdray")  # short: Ray's socket paths must stay under 107 bytes
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+         "--num-gpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        env={**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.environ.update(auth)
+    try:
+        yield address
+    finally:
+        head.terminate()
+        head.wait(timeout=120)
+        for key in auth:
+            os.environ.pop(key, None)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_head):
+    """This process connected to the session's head for one test module."""
+    import ray
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    from ray._raylet import AuthenticationTokenLoader
+
+    _enable_token_auth()  # re-reads RAY_AUTH_MODE in case Ray was imported before the head started
+    AuthenticationTokenLoader.instance().reset_cache()
+    for _ in range(60):
+        try:
+            ray.init(address=ray_head)
+            break
+        except ConnectionError:
+            time.sleep(1)
+    try:
+        yield ray_head
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -157,11 +157,12 @@ def test_warmup_poly_schedule():
 
 def test_nan_policy_names_the_step():
     from vpd_ray.engine.step import check_nan_policy
+    from vpd_ray.errors import NonFiniteLossError
 
     check_nan_policy(2, "skip", 3, step=7, task_name="depth")  # skipped, no error
-    with pytest.raises(FloatingPointError, match="step 7 .task depth.*nan_policy=stop"):
+    with pytest.raises(NonFiniteLossError, match="step 7 .task depth.*nan_policy=stop"):
         check_nan_policy(1, "stop", 3, step=7, task_name="depth")
-    with pytest.raises(FloatingPointError, match="step 9 .*4 batch.es. skipped.*max_nan_skips=3"):
+    with pytest.raises(NonFiniteLossError, match="step 9 .*4 batch.es. skipped.*max_nan_skips=3"):
         check_nan_policy(4, "skip", 3, step=9, task_name="depth")
 
 
@@ -179,3 +180,94 @@ def test_param_groups_split_unet_and_no_decay():
     assert groups["other_no_decay"]["weight_decay"] == 0.0 and len(groups["other_no_decay"]["params"]) == 3
     frozen = {id(p) for p in model["vae"].parameters()}
     assert not any(id(p) in frozen for g in groups.values() for p in g["params"])
+
+
+BAD_TASK_OPTIONS = [
+    ("configs/sample.yaml", "tasks.depth.crop_size=[0,128]", "tasks.depth.crop_size must be [height, width] > 0"),
+    ("configs/sample_seg.yaml", "tasks.seg.test_mode=bogus", "tasks.seg.test_mode: 'bogus' is not one of"),
+    ("configs/sample_refer.yaml", "tasks.refer.text_encoder=null", "tasks.refer.text_encoder: required"),
+    ("configs/sample_seg.yaml", "tasks.seg.dropout=abc", "tasks.seg.dropout"),
+    ("configs/sample_refer.yaml", "tasks.refer.max_tokens=forty", "tasks.refer.max_tokens"),
+]
+NO_RAY_CHECK = """import sys
+from vpd_ray.train import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exit:
+    print("ray imported" if "ray" in sys.modules else "ray not imported")
+    raise
+"""
+
+
+@pytest.mark.parametrize("config, override, words", BAD_TASK_OPTIONS)
+def test_bad_task_option_is_one_line_and_exit_2_before_ray(config, override, words):
+    """Task options are typed and checked on the driver (config.task_config): no Ray, no worker."""
+    import time
+
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", NO_RAY_CHECK, config, override], capture_output=True, text=True,
+                          timeout=120)
+    print(f"\n{override}: exit {proc.returncode} after {time.perf_counter() - start:.1f} s")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
+    assert proc.stdout.strip().endswith("ray not imported"), proc.stdout
+
+
+def test_configs_and_packages_with_the_old_key_names_still_load(tmp_path, caplog):
+    """A package written before the renames (flip_test, ratio, seg's int crop_size) loads, upgraded."""
+    from vpd_ray.config import to_yaml
+    from vpd_ray.modeling import architecture, build_model
+    from vpd_ray.package import export_package, load_package
+
+    cfg = load("configs/sample_multitask.yaml")
+    model = build_model(cfg)
+    old = OmegaConf.to_container(cfg)
+    depth, seg = old["tasks"]["depth"], old["tasks"]["seg"]
+    depth["flip_test"] = depth.pop("test_flip")
+    depth["ratio"], seg["ratio"] = depth.pop("batch_share"), seg.pop("batch_share")
+    seg["crop_size"] = seg["crop_size"][0]
+    old_yaml = OmegaConf.to_yaml(OmegaConf.create(old))
+    assert "flip_test" in old_yaml and "batch_share" not in old_yaml
+    package = export_package(model.state_dict(), old_yaml, architecture(model), str(tmp_path / "old_package"))
+    with caplog.at_level("WARNING", logger="vpd_ray.config"):
+        loaded, loaded_cfg = load_package(package)
+    assert loaded_cfg.tasks.depth.test_flip is True and loaded_cfg.tasks.seg.crop_size == [128, 128]
+    assert loaded_cfg.tasks.depth.batch_share == loaded_cfg.tasks.seg.batch_share == 0.5
+    notices = [r.getMessage() for r in caplog.records]
+    assert "config notice: tasks.depth.flip_test is deprecated: renamed to test_flip" in notices
+    assert any("tasks.seg.crop_size as one int is deprecated" in n for n in notices)
+    assert to_yaml(loaded_cfg) == to_yaml(cfg)  # the same resolved config as one written with the new keys
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.lr=-1", "train.lr: -1.0 must be > 0"),
+    ("run.resume=sometimes", "run.resume"),
+    ("tasks.depth.batch_share=0", "tasks.depth.batch_share"),
+    ("data.max_corrupt=-2", "data.max_corrupt"),
+])
+def test_values_out_of_range_name_the_key(override, words):
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+        load(SAMPLE, [override])
+
+
+def test_invalid_yaml_is_one_line_with_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: 1e-3\n  max_steps: [1, 2\n")
+    proc = subprocess.run([sys.executable, "-m", "vpd_ray.train", str(bad)], capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"config error: {bad}:") and "invalid YAML" in lines[0]
+
+
+@pytest.mark.parametrize("spec, words", [("EMPTY_DIR", "names no shards"), ("EMPTY_DIR/*.tar", "not found")])
+def test_shard_specs_that_name_nothing(tmp_path, spec, words):
+    spec = spec.replace("EMPTY_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match=words):
+        load(SAMPLE, [f"tasks.depth.train_shards={spec}"])
+
+
+def test_evaluate_checkpoint_that_does_not_exist_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "vpd_ray.evaluate", SAMPLE, "--checkpoint", "/nowhere/package"],
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and lines == ["config error: --checkpoint: path not found: /nowhere/package"], proc.stderr

@@ -11,7 +11,6 @@ import contextlib
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -134,16 +134,10 @@ def test_cli_refuses_a_folder_that_is_no_package(tmp_path, capsys):
 
 
 # --- the server ---------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(packages, tmp_path_factory):
     """``python -m vpd_ray.demo`` on the depth+refer package, on a free 127.0.0.1 port; its URL."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("server") / "demo.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
     with open(log, "w") as out:

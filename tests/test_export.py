@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_train import ray_cluster  # noqa: F401  (a 2-CPU Ray head of our own on 127.0.0.1)
 from vpd_ray.modeling import architecture, build_model
 from vpd_ray.package import WEIGHTS, export_package, load_package, write_safetensors
 

@@ -149,14 +149,6 @@ def photo_dir(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def reference_depth_mm(model, image_path):
     """The single-process answer: one forward of the loaded package with the mean class embedding."""
     pixels = torch.from_numpy(np.array(Image.open(image_path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255

@@ -9,14 +9,10 @@ import sys
 import tempfile
 
 import pytest
+from conftest import free_port
 
 pytestmark = pytest.mark.slow
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_job_submit_sample_training(tmp_path):
@@ -27,9 +23,9 @@ def test_job_submit_sample_training(tmp_path):
         **os.environ,
         "HOME": str(home),
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-        "VPD_RAY_PORT": str(_free_port()),
-        "VPD_DASHBOARD_PORT": str(_free_port()),
-        "VPD_RAY_START_ARGS": f"--dashboard-agent-listen-port={_free_port()} --temp-dir={temp_dir}",
+        "VPD_RAY_PORT": str(free_port()),
+        "VPD_DASHBOARD_PORT": str(free_port()),
+        "VPD_RAY_START_ARGS": f"--dashboard-agent-listen-port={free_port()} --temp-dir={temp_dir}",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     env.pop("RAY_ADDRESS", None)

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import sys
 import tarfile
 
 import numpy as np
@@ -21,6 +22,7 @@ from vpd_ray.data.augment import depth as aug
 from vpd_ray.data.decode import ForbiddenFieldError
 from vpd_ray.data.pipeline import build_stream, plan_epoch
 from vpd_ray.data.tario import expand_urls
+from vpd_ray.errors import DataError
 from vpd_ray.data.writer import SourceItem, encode_jpeg, write_shards
 
 COUNTS = (7, 3, 5, 4, 6)  # five uneven shards, 25 samples
@@ -128,7 +130,7 @@ def test_corrupt_sample_is_skipped_and_counted_then_fails_past_limit(tmp_path, c
     assert "c-000000.tar" in caplog.text and "key b" in caplog.text
     strict = build_stream(path, _meta_transform, train=False, batch_size=None, max_corrupt=0, num_workers=0,
                           rank=0, world_size=1)
-    with pytest.raises(RuntimeError, match=r"more than max_corrupt=0.*c-000000\.tar"):
+    with pytest.raises(DataError, match=r"more than data.max_corrupt=0.*c-000000\.tar"):
         list(strict)
 
 
@@ -243,20 +245,15 @@ def _ray_train_worker(config: dict) -> None:
 
 
 @pytest.mark.slow
-def test_rank_and_world_size_come_from_ray_train(shards, tmp_path):
-    ray = pytest.importorskip("ray")
+def test_rank_and_world_size_come_from_ray_train(ray_cluster, shards, tmp_path):
+    from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    here = os.path.dirname(os.path.abspath(__file__))  # Ray workers import this module to run the function
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([here, os.path.dirname(here)])}})
-    try:
-        TorchTrainer(_ray_train_worker, train_loop_config={"urls": shards, "out": str(tmp_path)},
-                     scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                     run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="ranks")).fit()
-    finally:
-        ray.shutdown()
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    TorchTrainer(_ray_train_worker, train_loop_config={"urls": shards, "out": str(tmp_path)},
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                 run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="ranks")).fit()
     results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert [(r["rank"], r["world_size"]) for r in results] == [(0, 2), (1, 2)]
     assert sorted(results[0]["keys"] + results[1]["keys"]) == [f"k{i:04d}" for i in range(sum(COUNTS))]

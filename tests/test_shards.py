@@ -1,6 +1,7 @@
 """Shard writers: fake trees in the published NYU / ADE20K / RefCOCO layouts convert and read back
 bit-identical; train splits in a seeded order; missing sources; resume after a killed conversion;
-the refs pickle is data-only."""
+the refs pickle is data-only; an interrupted conversion is marked incomplete. Bad NYU input:
+test_shards_bad_input.py."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from vpd_ray import shards as cli
 from vpd_ray.data import writer
 from vpd_ray.data.decode import decode_depth
 from vpd_ray.data.refcoco import load_refs, rasterise
-from vpd_ray.data.tario import iter_raw_samples
+from vpd_ray.data.tario import expand_urls, iter_raw_samples, shard_counts
 from vpd_ray.data.writer import ConversionError, SourceItem, encode_jpeg, encode_png, write_shards
+from vpd_ray.errors import DataError
 
 
 def _jpeg(path, seed: int, hw=(12, 16)) -> bytes:
@@ -36,10 +38,13 @@ def _png(path, array) -> bytes:
     return data
 
 
+def _manifest(out: str, prefix: str) -> dict:
+    return json.load(open(os.path.join(out, f"{prefix}.manifest.json")))
+
+
 def _read_all(out: str, prefix: str) -> dict[str, dict[str, bytes]]:
-    manifest = json.load(open(os.path.join(out, f"{prefix}.manifest.json")))
     samples = {}
-    for shard in manifest["shards"]:
+    for shard in _manifest(out, prefix)["shards"]:
         samples.update(dict(iter_raw_samples(os.path.join(out, shard["name"]))))
     return samples
 
@@ -89,12 +94,12 @@ def test_nyu_train_and_test_read_back_bit_identical(nyu_tree, tmp_path):
                     "depth_source": "sync/office_kitchen_0003/sync_depth_00046.png", "split": "train"}
     test_meta = json.loads(test["official_splits__test__bathroom__rgb_00045"]["json"])
     assert (test_meta["scene"], test_meta["class_id"]) == ("bathroom", 0)
-    manifest = json.load(open(os.path.join(out, "nyu-train.manifest.json")))
+    manifest = _manifest(out, "nyu-train")
     assert [s["count"] for s in manifest["shards"]] == [3, 1] and manifest["num_missing"] == 0
 
 
 def _keys_in_order(out: str, prefix: str) -> list[str]:
-    manifest = json.load(open(os.path.join(out, f"{prefix}.manifest.json")))
+    manifest = _manifest(out, prefix)
     return [key for shard in manifest["shards"] for key, _ in iter_raw_samples(os.path.join(out, shard["name"]))]
 
 
@@ -149,7 +154,7 @@ def test_ade20k_reads_back_and_lists_missing_annotations(tmp_path):
     assert sorted(samples) == ["ADE_val_00000001", "ADE_val_00000003"]
     for stem, sample in samples.items():
         assert (sample["jpg"], sample["label.png"]) == files[stem]
-    manifest = json.load(open(os.path.join(out, "ade20k-val.manifest.json")))
+    manifest = _manifest(out, "ade20k-val")
     assert manifest["num_missing"] == 1 and manifest["missing"][0]["key"] == "ADE_val_00000002"
     assert "ADE_val_00000002.png" in manifest["missing"][0]["reason"]
 
@@ -228,13 +233,17 @@ def test_resume_after_a_killed_conversion(tmp_path):
         write_shards(_items(crash_at=7), out, "x", max_count=3)
     names = sorted(os.listdir(out))
     assert names[:2] == ["x-000000.tar", "x-000001.tar"] and names[2].startswith("x-000002.tar.tmp-")
+    assert _manifest(out, "x")["complete"] is False  # an interrupted conversion never looks complete
+    with pytest.raises(DataError, match="x.manifest.json: incomplete conversion.*was interrupted"):
+        shard_counts(expand_urls(out))
     first = os.stat(os.path.join(out, "x-000000.tar"))
     resumed = write_shards(_items(), out, "x", max_count=3)
-    assert resumed["shards"] == clean["shards"]  # same names, counts and sha256
+    assert resumed["shards"] == clean["shards"] and resumed["complete"] is True  # same names, counts and sha256
     assert sorted(os.listdir(out)) == ["x-000000.tar", "x-000001.tar", "x-000002.tar", "x-000003.tar", "x.manifest.json"]
     assert os.stat(os.path.join(out, "x-000000.tar")).st_mtime_ns == first.st_mtime_ns  # skipped, not rewritten
     with pytest.raises(ConversionError, match="other options"):
         write_shards(_items(), out, "x", max_count=4)
+    assert _manifest(out, "x") == resumed  # refused before writing: the complete set stays as it was
 
 
 def test_a_completed_shard_in_another_order_is_stale(tmp_path):

@@ -6,11 +6,8 @@ tests, so DeepSpeed's op build and Ray's start are paid once.
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 
 import numpy as np
 import pytest
@@ -24,59 +21,6 @@ from vpd_ray.package import load_package
 pytestmark = pytest.mark.slow
 
 MAX_STEPS, VAL_EVERY, FAIL_AT = 120, 40, 50
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A 2-CPU Ray head of our own on 127.0.0.1, with RAY_ADDRESS pointing at it in every process.
-
-    (``ray.init()`` with no address would leave Ray Train's placement-group cleaner to guess the
-    cluster, and with other Ray instances on the machine it can pick one and kill our workers.)
-    """
-    import secrets
-
-    import ray
-    from ray._private.authentication.authentication_token_setup import _enable_token_auth
-    from ray._raylet import AuthenticationTokenLoader
-
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    env = {**os.environ, **auth, "RAY_ADDRESS": address, "RAY_USAGE_STATS_ENABLED": "0"}
-    temp_dir = tempfile.mkdtemp(prefix="vpdray")
-    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-         "--num-gpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
-         f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    os.environ.update({**auth, "RAY_ADDRESS": address})
-    _enable_token_auth()  # re-reads RAY_AUTH_MODE in case Ray was imported before this fixture
-    # An earlier in-process ray.init() (other test modules) cached the default token; ours differs.
-    AuthenticationTokenLoader.instance().reset_cache()
-    try:
-        for _ in range(60):
-            try:
-                ray.init(address=address)
-                break
-            except ConnectionError:
-                time.sleep(1)
-        yield
-    finally:
-        ray.shutdown()
-        head.terminate()
-        head.wait(timeout=120)
-        for key in (*auth, "RAY_ADDRESS"):
-            os.environ.pop(key, None)
-        AuthenticationTokenLoader.instance().reset_cache()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

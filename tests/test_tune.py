@@ -121,7 +121,7 @@ name: sweep-test
 
 
 @pytest.mark.slow
-def test_sample_sweep_stops_trials_early_picks_the_best_and_resumes(tmp_path, monkeypatch):
+def test_sample_sweep_stops_trials_early_picks_the_best_and_resumes(ray_head, tmp_path, monkeypatch):
     """4 trials, one CPU worker each, one at a time on 2 cores; ASHA's one rung at 2 of 4 reports."""
     from vpd_ray import tune as tune_cli
     from vpd_ray.config import load
@@ -130,7 +130,7 @@ def test_sample_sweep_stops_trials_early_picks_the_best_and_resumes(tmp_path, mo
     monkeypatch.chdir(REPO)  # the sample config's shard paths are relative to the repository
     sweep_yaml = tmp_path / "sweep.yaml"
     sweep_yaml.write_text(SWEEP_UNDER_TEST.format(config=os.path.join(REPO, "configs", "sample.yaml")))
-    argv = [str(sweep_yaml), f"storage_path={tmp_path}", "--num-cpus", "2"]
+    argv = [str(sweep_yaml), f"storage_path={tmp_path}", "--ray-address", ray_head]  # the session's 2-CPU head
     assert tune_cli.main(argv) == 0
     out = tmp_path / "sweep-test"
     with open(out / "trials.csv") as f:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vpd_ray.batching import LR_SCALINGS, BatchPlan
-from vpd_ray.errors import first_line
+from vpd_ray.errors import InputError, first_line
 from vpd_ray.model.backbone import BackboneConfig
 from vpd_ray.data.tario import is_local, local_path
 from vpd_ray.paths import SHARD_KEYS, PathCheck, config_paths, is_remote, problem
@@ -32,11 +32,12 @@ log = logging.getLogger(__name__)
 EXIT_CONFIG_ERROR = 2
 SCHEDULE_KINDS = ("constant", "poly_rise_fall", "warmup_poly")
 NAN_POLICIES = ("skip", "stop")
+RESUME_POLICIES = ("auto", "never", "must")
 METRIC_MODES = ("min", "max")
 TRAIN_NEEDS = ("train_shards", "val_shards")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A bad configuration; the message is one line that names the key and the bad value."""
 
 
@@ -125,6 +126,9 @@ class RunSection:
     seed: int = 0
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
     export: bool = True  # write a model package to <storage_path>/<name>/package at the end
+    # "auto": resume the run's latest checkpoint if it has one (a finished run: one line, nothing done);
+    # "never": refuse a run name that has checkpoints; "must": refuse one that has none
+    resume: str = "auto"
 
 
 @dataclasses.dataclass
@@ -185,9 +189,7 @@ def compose(path: Optional[str] = None, overrides: List[str] = (), base: Optiona
     try:
         cfg = OmegaConf.structured(Config)
         if path is not None:
-            if not os.path.isfile(path):
-                raise ConfigError(f"config file not found: {path}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            cfg = OmegaConf.merge(cfg, _read_yaml(path))
         if base is not None:
             cfg = OmegaConf.merge(cfg, base)
         bad = [o for o in overrides if "=" not in o]
@@ -206,6 +208,20 @@ def compose(path: Optional[str] = None, overrides: List[str] = (), base: Optiona
     return cfg
 
 
+def _read_yaml(path: str) -> DictConfig:
+    """The YAML file at ``path``; a missing file or a syntax error is one line naming file and line."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or first_line(err)}") from None
+
+
 def _absolute_shards(spec: str) -> str:
     """Local shard paths made absolute on the driver, so workers need not share its working directory."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
@@ -220,6 +236,11 @@ def _check_choice(key: str, value: Any, allowed: tuple) -> None:
 def _check_positive(key: str, value: Any, minimum: int = 1) -> None:
     if value < minimum:
         raise ConfigError(f"{key}: {value!r} must be >= {minimum}")
+
+
+def _check_above(key: str, value: float, bound: float = 0.0) -> None:
+    if not value > bound:
+        raise ConfigError(f"{key}: {value!r} must be > {bound}")
 
 
 def local_run_dir(cfg: DictConfig) -> str:
@@ -284,6 +305,16 @@ def validate(cfg: DictConfig, need: tuple[str, ...] = TRAIN_NEEDS, remote: tuple
     _check_choice("train.schedule.kind", t.schedule.kind, SCHEDULE_KINDS)
     _check_choice("train.nan_policy", t.nan_policy, NAN_POLICIES)
     _check_choice("train.lr_scaling", t.lr_scaling, LR_SCALINGS)
+    _check_choice("run.resume", cfg.run.resume, RESUME_POLICIES)
+    _check_above("train.lr", t.lr)
+    _check_above("train.schedule.power", t.schedule.power)
+    for key in ("weight_decay", "unet_lr_mult", "grad_clip"):
+        _check_positive(f"train.{key}", t[key], 0)
+    _check_positive("train.schedule.min_lr", t.schedule.min_lr, 0)
+    _check_positive("train.schedule.warmup_steps", t.schedule.warmup_steps, 0)
+    _check_positive("data.shuffle_buffer", cfg.data.shuffle_buffer, 0)
+    _check_positive("data.max_corrupt", cfg.data.max_corrupt, 0)
+    _check_positive("run.max_failures", cfg.run.max_failures, -1)
     _check_positive("train.checkpoint.weights_every", t.checkpoint.weights_every, 0)
     _check_positive("train.checkpoint.weights_keep", t.checkpoint.weights_keep)
     if t.global_batch_size is not None:
@@ -300,6 +331,9 @@ def validate(cfg: DictConfig, need: tuple[str, ...] = TRAIN_NEEDS, remote: tuple
     for name, task in cfg.tasks.items():
         task_config(name, task)
         _check_positive(f"tasks.{name}.batch_size", task.batch_size)
+        _check_positive(f"tasks.{name}.eval_batch_size", task.eval_batch_size)
+        _check_positive(f"tasks.{name}.loss_weight", task.loss_weight, 0)
+        _check_above(f"tasks.{name}.batch_share", task.batch_share)
         for field in need:
             if task[field] is None:
                 raise ConfigError(f"tasks.{name}.{field}: required")

@@ -57,8 +57,8 @@ def read_photo(path: str) -> np.ndarray:
 
 
 def needs_sentence(task: Any) -> bool:
-    """Sentence tasks (referring) tokenise text: the page shows them a sentence box."""
-    return hasattr(task, "tokenize")
+    """Sentence tasks (referring): the page shows them a sentence box."""
+    return "sentence" in task.inference_inputs
 
 
 def depth_range(task: Any) -> float | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,7 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     from vpd_ray.config import deferred_checks, exit_config_error, load_or_exit
     from vpd_ray.engine.eval_job import evaluate, seed_rows
     from vpd_ray.paths import PathCheck, is_remote, problem
-    from vpd_ray.plan import describe_evaluation
+    from vpd_ray.errors import InputError
+    from vpd_ray.plan import describe_evaluation, split_samples
     from vpd_ray.preflight import check_remote_paths
 
     parser = argparse.ArgumentParser(prog="python -m vpd_ray.evaluate", description=__doc__.splitlines()[0])
@@ -49,9 +51,18 @@ def main(argv: list[str] | None = None) -> None:
     if not ray.is_initialized():
         ray.init()
     check_remote_paths(cfg, deferred)
-    metrics = evaluate(cfg, args.checkpoint)
+    try:
+        metrics = evaluate(cfg, args.checkpoint)
+    except InputError as err:  # corrupt test data over the limit, an unloadable checkpoint: one line
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     for row in seed_rows(metrics):
         print(row)
+    for name, expected in split_samples(cfg, "test_shards").items():
+        scored = int(metrics.get(f"{name}/samples", 0))
+        if expected is not None and scored < expected:
+            print(f"warning: tasks.{name}: scored {scored} of the {expected} samples its test shards hold "
+                  "(skipped corrupt samples, data.max_corrupt); the metrics cover those only", file=sys.stderr)
     out = args.out or os.path.abspath(args.checkpoint).rstrip("/") + ".eval.json"
     with open(out, "w") as f:
         json.dump({"checkpoint": os.path.abspath(args.checkpoint), "metrics": metrics}, f, indent=1)

@@ -16,7 +16,7 @@ import dataclasses
 import os
 from typing import Any, Iterable
 
-from vpd_ray.data.tario import expand_urls, is_local, local_path
+from vpd_ray.data.tario import expand_urls, incomplete_reason, is_local, local_path
 from vpd_ray.errors import first_line
 
 WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
@@ -76,7 +76,11 @@ def is_remote(check: PathCheck, prefixes: Iterable[str]) -> bool:
     all of them, hub ids included, since the workers' Hugging Face cache is the one that counts)."""
     prefixes = [p.rstrip("/") for p in prefixes]
     if check.kind == "shards":
-        return any(not is_local(u) or _under(u, prefixes) for u in expand_urls(check.value))
+        try:
+            urls = expand_urls(check.value)
+        except ValueError:  # names nothing: checked (and refused) here
+            return False
+        return any(not is_local(u) or _under(u, prefixes) for u in urls)
     if check.kind == "weights" and looks_like_hub_id(check.value):
         return "" in prefixes
     return _under(check.value, prefixes)
@@ -125,7 +129,8 @@ def _shards_problem(check: PathCheck) -> str | None:
         return f"{check.key}: cannot check {urls[0]}: {first_line(err)}"
     if missing:
         return f"{check.key}: {len(missing)} of {len(urls)} shards not found, first: {missing[0]}"
-    return None
+    incomplete = incomplete_reason(urls)  # a conversion that failed its limits: never read by accident
+    return f"{check.key}: {incomplete}" if incomplete else None
 
 
 def _hub_problem(repo_id: str, probe: str) -> str | None:

@@ -8,8 +8,11 @@
 Each command writes ``<out>/<name>-NNNNNN.tar`` and ``<out>/<name>.manifest.json``; re-running the
 same command resumes an interrupted conversion. Train splits are written in a seeded shuffled order
 (``--shuffle-seed``, default 0; ``--no-shuffle`` keeps list order), other splits in list order. Exit
-status 1 with a one-line message when the sources are unusable (too many missing, stale shards), 2
-for bad arguments.
+status 1 with a one-line message when the sources are unusable (a list file not found, malformed or
+empty; more than ``--max-missing`` of the sources, or all of them, missing or unreadable; stale
+shards), 2 for arguments argparse refuses. A conversion that fails its limits, or is interrupted,
+leaves its manifest saying ``"complete": false`` with the reason, and training refuses those shards
+until a re-run completes.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("nyu", help="NYUv2 (sync + official_splits, listed by train_list/test_list)")
     p.add_argument("--root", required=True, help="folder holding sync/ and official_splits/")
     p.add_argument("--split", required=True, choices=["train", "test"])
-    p.add_argument("--list", help="list file of '/<dir>/rgb_X.jpg /<dir>/sync_depth_X.png' lines "
+    p.add_argument("--list", help="list file of '/<dir>/rgb_X.jpg /<dir>/sync_depth_X.png' lines; a relative "
+                                  "path is looked for in the current folder, then in --root "
                                   "(default: <root>/<split>_list.txt)")
     _order(p)
     _common(p)

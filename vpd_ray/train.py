@@ -19,8 +19,9 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     from vpd_ray import launch
-    from vpd_ray.config import deferred_checks, load_or_exit
+    from vpd_ray.config import EXIT_CONFIG_ERROR, deferred_checks, load_or_exit
     from vpd_ray.engine.train_job import fit
+    from vpd_ray.errors import InputError
     from vpd_ray.plan import describe
 
     parser = argparse.ArgumentParser(prog="python -m vpd_ray.train", description=__doc__.splitlines()[0])
@@ -34,7 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     deferred = deferred_checks(cfg, remote=remote)
     if args.dry_run:
         launch.finish_dry_run(deferred)
-    result = fit(cfg, deferred)
+    try:
+        result = fit(cfg, deferred)
+    except InputError as err:  # stopped at once, not retried: the same input fails the same way
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+    if result is None:  # the run had finished already
+        return
     if result.error is not None:
         print(f"training failed: {result.error}", file=sys.stderr)
         sys.exit(1)

@@ -5,7 +5,8 @@
 
 listed as ``/<dir>/rgb_XXXXX.jpg /<dir>/sync_depth_XXXXX.png`` (paths relative to ``sync`` or
 ``official_splits/test``) in ``train_list.txt`` / ``test_list.txt``. A ``<root>/nyu_depth_v2``
-level, as in the reference's data folder, is accepted too.
+level, as in the reference's data folder, is accepted too. A list file that cannot be found, is
+malformed or lists nothing is a :class:`~vpd_ray.data.writer.ConversionError` naming it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import os
 import re
 
-from vpd_ray.data.writer import SourceItem, key_from_path, read_source, shuffled
+from vpd_ray.data.writer import ConversionError, SourceItem, key_from_path, read_source, shuffled
 
 SPLIT_DIRS = {"train": "sync", "test": os.path.join("official_splits", "test")}
 
@@ -41,6 +42,29 @@ def _dataset_root(root: str) -> str:
     return nested if not os.path.isdir(os.path.join(root, "sync")) and os.path.isdir(nested) else root
 
 
+def find_list(root: str, split: str, list_file: str | None = None) -> str:
+    """The list file to read: ``list_file`` as the user means it, else ``<split>_list.txt``.
+
+    An absolute path is taken as is. A relative one is taken from the current folder when it is
+    there (what a shell would complete), else from the dataset's folder (``root``, or its
+    ``nyu_depth_v2`` level), where the reference keeps train_list.txt and test_list.txt; the
+    default name is looked for there only. The error names every place looked at.
+    """
+    name = list_file or f"{split}_list.txt"
+    if os.path.isabs(name):
+        places = [name]
+    else:
+        folders = dict.fromkeys([_dataset_root(root), root, os.path.join(root, "nyu_depth_v2")])
+        places = ([name] if list_file else []) + [os.path.join(folder, name) for folder in folders]
+    found = next((place for place in places if os.path.isfile(place)), None)
+    if found is None:
+        what = f"--list {name}" if list_file else f"list file {name} (the default for --split {split})"
+        hint = "" if list_file else "; give it with --list"
+        raise ConversionError(f"NYU {what} not found; looked at "
+                              f"{', '.join(os.path.abspath(place) for place in places)}{hint}")
+    return found
+
+
 def read_list(path: str) -> list[tuple[str, str]]:
     """``(rgb, depth)`` path pairs of a list file; extra columns (focal length) are ignored."""
     pairs = []
@@ -50,8 +74,10 @@ def read_list(path: str) -> list[tuple[str, str]]:
             if not parts:
                 continue
             if len(parts) < 2:
-                raise ValueError(f"{path}:{number}: expected '<rgb> <depth>', got {line.strip()!r}")
+                raise ConversionError(f"{path}:{number}: expected '<rgb> <depth>', got {line.strip()!r}")
             pairs.append((parts[0], parts[1]))
+    if not pairs:
+        raise ConversionError(f"{path} lists no samples")
     return pairs
 
 
@@ -67,13 +93,10 @@ def nyu_items(root: str, split: str, list_file: str | None = None,
     list order or, with ``shuffle_seed``, in that seed's :func:`~vpd_ray.data.writer.shuffled` order."""
     if split not in SPLIT_DIRS:
         raise ValueError(f"unknown NYU split {split!r}; known: {sorted(SPLIT_DIRS)}")
-    root = _dataset_root(root)
-    list_file = list_file or os.path.join(root, f"{split}_list.txt")
-    if not os.path.isfile(list_file):
-        raise FileNotFoundError(f"NYU list file {list_file} not found (give it with --list)")
-    base = os.path.join(root, SPLIT_DIRS[split])
+    pairs = read_list(find_list(root, split, list_file))
+    base = os.path.join(_dataset_root(root), SPLIT_DIRS[split])
     items = []
-    for rgb, depth in read_list(list_file):
+    for rgb, depth in pairs:
         rel = os.path.join(SPLIT_DIRS[split], rgb.lstrip("/"))
         scene, class_id = scene_class(rgb)
         meta = {"source": rel, "depth_source": os.path.join(SPLIT_DIRS[split], depth.lstrip("/")),

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vpd_ray.data.decode import CorruptSampleError, decode_sample, wanted_extensions
 from vpd_ray.data.tario import TruncatedShardError, expand_urls, iter_raw_samples, shard_counts
+from vpd_ray.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class ShardDataset(IterableDataset):
         self.corrupt += 1
         where = f"rank {self.rank} loader worker {self._slot() % self.num_workers}"
         if self.corrupt > self.max_corrupt:
-            raise RuntimeError(f"{self.corrupt} corrupt samples in {where}, more than max_corrupt="
+            raise DataError(f"{self.corrupt} corrupt samples in {where}, more than data.max_corrupt="
                                f"{self.max_corrupt}; last: {what}")
         log.warning("skipping corrupt sample (%d so far in %s): %s", self.corrupt, where, what)
 
@@ -199,6 +200,7 @@ def build_stream(urls: str | list[str], transform: Callable, *, train: bool, bat
     fields to decode and require (the task's ``fields``; None: whichever known fields a sample has). ``batch_size=None`` yields single samples uncollated.
     ``max_corrupt``: corrupt samples tolerated per loader worker before the run fails.
     ``start_epoch``: the epoch to resume from (``Stream.epoch`` of the checkpoint).
+    Raises :class:`~vpd_ray.errors.DataError` for shards whose manifest marks an incomplete conversion.
     """
     rank, world_size = resolve_rank(rank, world_size)
     shard_urls = expand_urls(urls)

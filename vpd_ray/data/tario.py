@@ -3,6 +3,11 @@
 A webdataset shard is a plain tar whose members are named ``<key>.<ext>``; consecutive members
 with the same key form one sample. Everything here deals in raw bytes: decoding (and the
 whitelist that keeps pickles out) lives in :mod:`vpd_ray.data.decode`.
+
+Shards are refused, never read, where the manifest beside them says ``"complete": false`` (a
+conversion that failed its limits or has not finished, :mod:`vpd_ray.data.writer`). Manifests
+without the key were written before it existed (the bundled samples among them) and count as
+complete; an old conversion that failed its limits cannot be told from them, re-running it marks it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import posixpath
 import tarfile
 from collections.abc import Iterator
 from typing import IO
+
+from vpd_ray.errors import DataError
 
 MANIFEST_SUFFIX = ".manifest.json"  # <prefix>.manifest.json beside <prefix>-000000.tar ...
 
@@ -115,11 +122,19 @@ def count_samples(url: str) -> int:
     return sum(1 for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k)
 
 
-def read_manifest(url: str) -> dict | None:
-    """The manifest a shard was written with (``<prefix>.manifest.json`` beside it), or None."""
+def manifest_url(url: str) -> str:
+    """Where the manifest of a shard ``<prefix>-NNNNNN.tar`` is: ``<prefix>.manifest.json`` beside it."""
     directory, name = posixpath.split(url)
     prefix = name.rsplit("-", 1)[0]
-    path = posixpath.join(directory, prefix + MANIFEST_SUFFIX) if directory else prefix + MANIFEST_SUFFIX
+    return posixpath.join(directory, prefix + MANIFEST_SUFFIX) if directory else prefix + MANIFEST_SUFFIX
+
+
+def read_manifest(url: str) -> dict | None:
+    """The manifest a shard was written with, or None."""
+    return _read_json(manifest_url(url))
+
+
+def _read_json(path: str) -> dict | None:
     try:
         with open_url(path) as f:
             return json.load(f)
@@ -127,16 +142,40 @@ def read_manifest(url: str) -> dict | None:
         return None
 
 
+def _manifests(urls: list[str]) -> dict[str, dict | None]:
+    """The manifest of each shard group in ``urls``, read once per group, by manifest URL."""
+    return {path: _read_json(path) for path in dict.fromkeys(map(manifest_url, urls))}
+
+
+def _incomplete(manifests: dict[str, dict | None]) -> str | None:
+    """The refusal of the first manifest that marks its conversion incomplete, None if there is none."""
+    for path, manifest in manifests.items():
+        if manifest is not None and not manifest.get("complete", True):
+            reason = manifest.get("reason") or "no reason given"
+            return f"{path}: incomplete conversion, its shards are not read: {reason}"
+    return None
+
+
+def incomplete_reason(urls: list[str]) -> str | None:
+    """The one-line reason not to read ``urls`` (expanded shard URLs) because a manifest beside them
+    marks its conversion incomplete, naming that manifest; None when every manifest there is complete
+    or absent. For checks before a run starts; :func:`shard_counts` raises the same line."""
+    return _incomplete(_manifests(urls))
+
+
 def shard_counts(urls: list[str]) -> list[int]:
-    """Sample count of every shard: from its manifest where there is one, else by a header scan."""
-    manifests: dict[str, dict[str, int]] = {}
+    """Sample count of every shard: from its manifest where there is one, else by a header scan.
+
+    Raises :class:`~vpd_ray.errors.DataError` when a manifest marks its shards incomplete: what a
+    failed or interrupted conversion left is not a dataset, whatever its counts say.
+    """
+    manifests = _manifests(urls)
+    refusal = _incomplete(manifests)
+    if refusal:
+        raise DataError(refusal)
+    known = {path: {s["name"]: s["count"] for s in m["shards"]} if m else {} for path, m in manifests.items()}
     counts = []
     for url in urls:
-        directory, name = posixpath.split(url)
-        group = posixpath.join(directory, name.rsplit("-", 1)[0])
-        if group not in manifests:
-            manifest = read_manifest(url)
-            manifests[group] = {s["name"]: s["count"] for s in manifest["shards"]} if manifest else {}
-        known = manifests[group].get(name)
-        counts.append(known if known is not None else count_samples(url))
+        count = known[manifest_url(url)].get(posixpath.basename(url))
+        counts.append(count if count is not None else count_samples(url))
     return counts

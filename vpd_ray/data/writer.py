@@ -6,7 +6,13 @@ in the seeded order of :func:`shuffled`). It is cut into shards by count and by 
 complete (it only ever appears by rename of a finished temp file) and is skipped, which is how an
 interrupted conversion resumes; one that does not hold its planned keys, in order, is stale. Missing
 or unreadable sources are skipped, listed in the manifest and counted; more than ``max_missing`` of
-them (a share) fails the conversion after the manifest is written.
+them (a share), or all of them, fails the conversion after the manifest is written.
+
+The manifest says whether the shards beside it are fit to train on: ``"complete": false`` with a
+``"reason"`` from the moment the first shard may be written until the conversion passes its limits,
+so neither an interrupted nor a failed conversion looks complete, and the stream refuses such shards
+(:func:`vpd_ray.data.tario.incomplete_reason`). Errors found before anything is written (an empty
+list, duplicate keys, stale shards) leave the folder as it was.
 
 Output: ``<out>/<prefix>-000000.tar ...`` and ``<out>/<prefix>.manifest.json``.
 """
@@ -25,8 +31,10 @@ from typing import Any
 import numpy as np
 
 from vpd_ray.data.tario import MANIFEST_SUFFIX, iter_raw_samples
+from vpd_ray.errors import DataError
 
 MANIFEST_FORMAT = "vpd_ray-shards/1"
+IN_PROGRESS = "the conversion is running or was interrupted; re-run the same command to finish it"
 JPEG_QUALITY = 90  # synthetic images; real images are stored as read
 
 
@@ -34,8 +42,8 @@ class UnreadableSourceError(Exception):
     """A source file that is missing or cannot be read; the sample is skipped and listed."""
 
 
-class ConversionError(Exception):
-    """The conversion cannot produce a trustworthy result (too many missing sources, stale shards)."""
+class ConversionError(DataError):
+    """The conversion cannot produce a trustworthy result (no or too many missing sources, stale shards)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,19 +229,40 @@ def write_shards(items: list[SourceItem], out_dir: str, prefix: str, *, max_coun
             records[path] = existing_shard_record(path, group)
         else:
             todo.append((path, group))
+    options = dict(max_count=max_count, max_bytes=max_bytes)
+    manifest_file = manifest_path(out_dir, prefix)
+    _write_json(manifest_file, _manifest(list(records.values()), prefix, info, options, failure=IN_PROGRESS))
     done = sum(len(group) for path, group in zip(paths, plan) if path in records)
     with tqdm(total=len(items), initial=done, unit="sample", desc=prefix, smoothing=0.1) as bar:
         for path, record in _run_jobs(todo, workers):
             records[path] = record
             bar.update(record["count"] + len(record["missing"]))
-    manifest = _manifest([records[p] for p in paths], prefix, info, dict(max_count=max_count, max_bytes=max_bytes))
-    _write_json(manifest_path(out_dir, prefix), manifest)
-    share = manifest["num_missing"] / len(items)
-    if share > max_missing:
-        raise ConversionError(f"{manifest['num_missing']} of {len(items)} sources ({share:.1%}) are missing or "
-                              f"unreadable, more than max_missing={max_missing:.1%}; they are listed in "
-                              f"{manifest_path(out_dir, prefix)}")
+    ordered = [records[p] for p in paths]
+    failure = _limit_failure(ordered, len(items), max_missing)
+    manifest = _manifest(ordered, prefix, info, options, failure)
+    _write_json(manifest_file, manifest)
+    if failure:
+        raise ConversionError(f"{failure}; they are listed in {manifest_file}")
     return manifest
+
+
+def _limit_failure(records: list[dict], total: int, max_missing: float) -> str | None:
+    """Why shards with these records fail the conversion's limits, None when they pass.
+
+    Over ``max_missing`` fails; so does every source missing whatever the limit, since a wrong
+    ``--root`` reads as exactly that and shards without a sample are no dataset. The first reason
+    is quoted because it usually tells which (a wrong folder, a corrupt file).
+    """
+    missing = [m for r in records for m in r["missing"]]
+    share = len(missing) / total
+    if share > max_missing:
+        what = f"more than max_missing={max_missing:.1%}"
+    elif len(missing) == total:
+        what = "no sample is left"
+    else:
+        return None
+    return (f"{len(missing)} of {total} sources ({share:.1%}) are missing or unreadable, {what}; "
+            f"first: {missing[0]['reason']}")
 
 
 def _run_jobs(todo: list[tuple[str, list[SourceItem]]], workers: int):
@@ -254,10 +283,13 @@ def _remove_stale_temps(out_dir: str, prefix: str) -> None:
             os.remove(os.path.join(out_dir, name))
 
 
-def _manifest(records: list[dict], prefix: str, info: dict | None, options: dict) -> dict[str, Any]:
+def _manifest(records: list[dict], prefix: str, info: dict | None, options: dict,
+              failure: str | None) -> dict[str, Any]:
+    """The manifest of ``records``; with a ``failure``, marked incomplete for that reason."""
     missing = [m for r in records for m in r["missing"]]
     shards = [{k: r[k] for k in ("name", "count", "bytes", "sha256")} for r in records]
-    return {"format": MANIFEST_FORMAT, "prefix": prefix, **(info or {}), "options": options,
+    status = {"complete": False, "reason": failure} if failure else {"complete": True}
+    return {"format": MANIFEST_FORMAT, "prefix": prefix, **(info or {}), "options": options, **status,
             "num_samples": sum(s["count"] for s in shards), "num_missing": len(missing),
             "shards": shards, "missing": missing}
 

@@ -96,7 +96,14 @@ def share_checkpoint(path: str) -> Any:
 
 
 def eval_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker: load the model, evaluate this rank's part of each test split, report."""
+    """Ray Train worker: load the model, evaluate this rank's part of each test split, report; an
+    input error (corrupt test data over the limit) stops every worker, not retried."""
+    from vpd_ray.engine.input_errors import run_worker
+
+    run_worker(loop_config, lambda: _evaluate_on_worker(loop_config))
+
+
+def _evaluate_on_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
@@ -125,8 +132,10 @@ def eval_loop(loop_config: dict[str, Any]) -> None:
 
 def evaluate(cfg: DictConfig, checkpoint: str) -> dict[str, float]:
     """Metrics of ``checkpoint`` on the test shards, over ``cfg.scaling`` Ray workers."""
+    import pyarrow.fs
     import ray
 
+    from vpd_ray.engine import input_errors
     from vpd_ray.engine.train_job import torch_trainer
     from vpd_ray.package import WEIGHTS
 
@@ -137,8 +146,14 @@ def evaluate(cfg: DictConfig, checkpoint: str) -> dict[str, float]:
     # A checkpoint or run dir is consolidated once for all workers; a package each worker mmaps itself.
     if os.path.isdir(checkpoint) and not os.path.isfile(os.path.join(checkpoint, WEIGHTS)):
         loop_config["weights"] = share_checkpoint(checkpoint)
-    trainer = torch_trainer(eval_loop, loop_config, cfg, f"{cfg.run.name}-eval-{int(time.time())}")
-    return dict(trainer.fit().metrics)
+    name = f"{cfg.run.name}-eval-{int(time.time())}"
+    try:
+        result = input_errors.fit(lambda box: torch_trainer(eval_loop, {**loop_config, **box}, cfg, name))
+    finally:  # Ray Train's bookkeeping of this job; the metrics are the output
+        fs, root = pyarrow.fs.FileSystem.from_uri(cfg.run.storage_path)
+        if fs.get_file_info(f"{root}/{name}").type == pyarrow.fs.FileType.Directory:
+            fs.delete_dir(f"{root}/{name}")
+    return dict(result.metrics)
 
 
 def seed_rows(metrics: dict[str, float]) -> list[str]:
@@ -150,5 +165,6 @@ def seed_rows(metrics: dict[str, float]) -> list[str]:
         columns = get_task(task).paper_row
         cells = [(label, metrics[f"{task}/{key}"]) for key, label in columns if f"{task}/{key}" in metrics]
         if cells:
-            rows.append(f"{task}: " + "  ".join(f"{label} {value:.4f}" for label, value in cells))
+            count = f"  ({int(metrics[f'{task}/samples'])} samples)" if f"{task}/samples" in metrics else ""
+            rows.append(f"{task}: " + "  ".join(f"{label} {value:.4f}" for label, value in cells) + count)
     return rows

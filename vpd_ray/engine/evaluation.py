@@ -15,11 +15,9 @@ import torch
 import torch.distributed as dist
 
 from vpd_ray.contracts import Batch
+from vpd_ray.engine.collectives import FAILED, agree, distributed, raise_if_failed
+from vpd_ray.errors import InputError
 from vpd_ray.tasks.base import Task
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -30,15 +28,23 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 def lockstep(
     batches: Iterable[Batch], device: torch.device, limit: int | None = None
 ) -> Iterator[tuple[Batch, bool]]:
-    """``(batch, counts)`` until every rank is exhausted; ``counts`` is False for a padding repeat."""
+    """``(batch, counts)`` until every rank is exhausted; ``counts`` is False for a padding repeat.
+
+    The per-batch "anyone still has a batch" flag also carries an input error of any rank
+    (corrupt data over the limit, a forbidden field), so every rank stops together with its message.
+    """
     it, last, seen = iter(batches), None, 0
     while True:
-        batch = next(it, None) if limit is None or seen < limit else None
+        batch, error = None, None
+        try:
+            batch = next(it, None) if limit is None or seen < limit else None
+        except InputError as err:
+            error = err
         seen += batch is not None
-        more = torch.tensor([batch is not None], dtype=torch.int32, device=device)
-        if _distributed():
-            dist.all_reduce(more, op=dist.ReduceOp.MAX)
-        if not more.item():
+        flag = FAILED + (dist.get_rank() if distributed() else 0) if error is not None else int(batch is not None)
+        status = agree(torch.tensor([flag], dtype=torch.int64, device=device))
+        raise_if_failed(status, error)
+        if not status:
             return
         if batch is None and last is None:
             raise RuntimeError(f"rank {dist.get_rank()} got no evaluation batch while other ranks did")
@@ -48,7 +54,7 @@ def lockstep(
 
 
 def all_reduce_sum(state: torch.Tensor) -> torch.Tensor:
-    if _distributed():
+    if distributed():
         state = state.clone()
         dist.all_reduce(state, op=dist.ReduceOp.SUM)
     return state
@@ -65,15 +71,18 @@ def evaluate_task(
 
     ``forward(images, batch)`` runs backbone + head (the caller decides engine, dtype and VAE).
     """
-    metric = task.metric()
+    metric, scored = task.metric(), 0
     for batch, counts in lockstep(batches, device, limit):
         batch = to_device(batch, device)
         pred = task.predict(forward, batch)
         if counts:
             metric.update(pred.float(), batch)
+            scored += batch["image"].shape[0]
     state = metric.state()
     metric.load_state(all_reduce_sum(state.to(device)).cpu())
-    return {f"{task.name}/{k}": float(v) for k, v in metric.compute().items()}
+    samples = int(all_reduce_sum(torch.tensor([scored], dtype=torch.float64, device=device)).item())
+    # "samples": how many were scored, so a metric over part of a split is never mistaken for the whole
+    return {**{f"{task.name}/{k}": float(v) for k, v in metric.compute().items()}, f"{task.name}/samples": samples}
 
 
 def report_metrics(metrics: dict[str, Any]) -> None:

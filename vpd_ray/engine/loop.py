@@ -220,9 +220,7 @@ class Trainer:
     def _event(self, line: str) -> None:
         """Rank 0: print, and append to ``<run dir>/events.log`` (restarts and resumes stay on record)."""
         log.info(f"[vpd] {line}")
-        os.makedirs(self.run_dir, exist_ok=True)
-        with open(os.path.join(self.run_dir, EVENTS), "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+        append_event(self.run_dir, line)
 
     def _maybe_fail(self, step: int) -> None:
         """Test hook: the last rank dies once at ``fail_once_at_step`` (a marker file makes it once)."""
@@ -319,6 +317,13 @@ def _latest_checkpoint() -> ResumePoint | None:
     return ResumePoint(checkpoint.path, checkpoint, meta)
 
 
+def append_event(run_dir: str, line: str) -> None:
+    """One timestamped line in ``<run dir>/events.log``: restarts, resumes, checkpoints, stops."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, EVENTS), "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+
+
 def _dir_bytes(directory: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory) for f in files)
 
@@ -330,7 +335,9 @@ def _seed_everything(seed: int) -> None:
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``."""
+    """Ray Train's ``train_loop_per_worker``; an input error stops the run without retries
+    (:mod:`vpd_ray.engine.input_errors`)."""
     from vpd_ray.config import from_container
+    from vpd_ray.engine.input_errors import run_worker
 
-    Trainer(from_container(loop_config["config"]), loop_config).run()
+    run_worker(loop_config, lambda: Trainer(from_container(loop_config["config"]), loop_config).run())

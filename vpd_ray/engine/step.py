@@ -4,8 +4,10 @@ An optimizer step is ``accum`` micro-batches. Each micro-batch comes from one ta
 tasks' ``batch_share`` from an rng seeded by the run seed, the step and the micro-batch index, so every
 rank draws the same task (their collectives stay in step) and a resumed run draws what the
 uninterrupted one would have. The loss is the task's loss times its ``loss_weight``, in fp32. A
-non-finite loss on any rank skips that micro-batch on every rank (one all-reduced flag) or stops
-the run, by ``train.nan_policy``.
+non-finite loss on any rank skips that micro-batch on every rank or stops the run, by
+``train.nan_policy``; an input error on any rank (:class:`~vpd_ray.errors.InputError`) stops every
+rank with its message. Both ride on one all-reduced flag per micro-batch
+(:mod:`vpd_ray.engine.collectives`).
 
 The stepper drives anything engine-like (:class:`Engine`): DeepSpeed's engine in the product
 (``engine.backward`` scales by the accumulation, ``engine.step`` steps the optimizer at the
@@ -21,8 +23,10 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 import torch.distributed as dist
 
+from vpd_ray.engine.collectives import NONFINITE, agree, flag_of, raise_if_failed
 from vpd_ray.engine.evaluation import to_device
 from vpd_ray.engine.optim import set_lr
+from vpd_ray.errors import InputError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +79,10 @@ def float_outputs(outputs: Any) -> Any:
 def check_nan_policy(skips: int, policy: str, max_skips: int, step: int, task_name: str) -> None:
     """After the ``skips``-th non-finite loss: return to skip the batch, or stop naming the step."""
     if policy == "stop" or skips > max_skips:
-        raise FloatingPointError(
+        raise NonFiniteLossError(
             f"non-finite loss at step {step} (task {task_name}); nan_policy={policy}, "
             f"{skips} batch(es) skipped so far, max_nan_skips={max_skips}"
         )
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    value = torch.tensor([float(flag)], device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 class Stepper:
@@ -118,9 +115,12 @@ class Stepper:
         outputs = self.engine(task_name, batch, latents=self.encode(batch["image"]))
         return task.loss(float_outputs(outputs), batch) * task.cfg.loss_weight
 
-    def _skip_nonfinite(self, loss: torch.Tensor, step: int, task_name: str) -> bool:
-        """True when any rank's loss is not finite (all ranks agree); stops the run by policy."""
-        if not _any_rank(not torch.isfinite(loss).item(), self.device):
+    def _skip(self, loss: torch.Tensor | None, error: InputError | None, step: int, task_name: str) -> bool:
+        """One all-reduced flag for every rank: an input error on any rank stops them all (its message);
+        a non-finite loss on any rank skips the micro-batch everywhere, or stops the run by policy."""
+        status = agree(flag_of(error, loss, self.device))
+        raise_if_failed(status, error)
+        if status != NONFINITE:
             return False
         self.nan_skips += 1
         check_nan_policy(self.nan_skips, self.nan_policy, self.max_nan_skips, step, task_name)
@@ -135,9 +135,12 @@ class Stepper:
         total, micro = 0.0, 0
         while micro < self.accum:
             task_name = self.task_for(step, micro)
-            batch = to_device(next(iters[task_name]), self.device)
-            loss = self.loss(task_name, batch)
-            if self._skip_nonfinite(loss, step, task_name):
+            loss, error = None, None
+            try:
+                loss = self.loss(task_name, to_device(next(iters[task_name]), self.device))
+            except InputError as err:  # corrupt data over the limit, a forbidden field: every rank stops
+                error = err
+            if self._skip(loss, error, step, task_name):
                 continue
             self.engine.backward(loss)
             self.engine.step()

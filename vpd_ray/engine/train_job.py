@@ -58,28 +58,77 @@ def best_checkpoint(result: Any, cfg: DictConfig) -> Any:
     return pick(scored, key=lambda cm: cm[1])[0]
 
 
+def latest_step(cfg: DictConfig) -> tuple[int, str] | None:
+    """``(step, checkpoint path)`` of the run's latest complete checkpoint in its storage, or None."""
+    import json
+
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(cfg.run.storage_path)
+    run = f"{root.rstrip('/')}/{cfg.run.name}"
+    if fs.get_file_info(run).type == pyarrow.fs.FileType.NotFound:
+        return None
+    found = []
+    for entry in fs.get_file_info(pyarrow.fs.FileSelector(run)):
+        meta = f"{entry.path}/meta.json"
+        if entry.base_name.startswith("checkpoint_") and fs.get_file_info(meta).type == pyarrow.fs.FileType.File:
+            with fs.open_input_stream(meta) as f:
+                found.append((json.loads(f.read())["step"], entry.path))
+    return max(found) if found else None
+
+
+def check_resume(cfg: DictConfig) -> tuple[int, str] | None:
+    """``run.resume`` against what the run directory holds (auto: resume if there is a checkpoint;
+    never: refuse an existing run; must: refuse a run with nothing to resume). Raises InputError."""
+    from vpd_ray.errors import InputError
+
+    latest = latest_step(cfg)
+    where = f"{cfg.run.storage_path}/{cfg.run.name}"
+    if cfg.run.resume == "never" and latest:
+        raise InputError(f"run.resume=never: {where} already has checkpoints (latest at step {latest[0]}); "
+                         "choose another run.name or set run.resume=auto")
+    if cfg.run.resume == "must" and not latest:
+        raise InputError(f"run.resume=must: {where} has no checkpoint to resume")
+    return latest
+
+
 def fit(cfg: DictConfig, deferred: list | None = None, callbacks: Sequence[Any] = ()) -> Any:
-    """Train (or resume) the run of a validated config; returns the Ray Train ``Result``.
+    """Train (or resume) the run of a validated config; returns the Ray Train ``Result``, or None when
+    the run had finished already (one line says so: nothing is started or written).
 
     ``deferred``: path checks left for a worker node (:func:`vpd_ray.config.deferred_checks`), run
-    once Ray is up and before anything is written.
+    once Ray is up and before anything is written. An input error on the workers (corrupt data over
+    the limit, a forbidden field, a non-finite loss under nan_policy stop) stops the run at once,
+    without Ray Train's retries, and is raised here as :class:`~vpd_ray.errors.InputError`.
     """
     import ray
 
     from vpd_ray.config import local_run_dir, to_yaml
+    from vpd_ray.engine import input_errors
+    from vpd_ray.engine.loop import append_event
+    from vpd_ray.errors import InputError
     from vpd_ray.preflight import check_remote_paths
 
+    latest = check_resume(cfg)
+    run_dir = local_run_dir(cfg)
+    if latest and latest[0] >= cfg.train.max_steps:
+        print(f"[vpd] run {cfg.run.name} finished at step {latest[0]} ({latest[1]}); its package: "
+              f"{os.path.join(run_dir, 'package')}. Nothing to do (raise train.max_steps to train on)", flush=True)
+        return None
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS / a running cluster, else a local one
     check_remote_paths(cfg, deferred or [])
-    run_dir = local_run_dir(cfg)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(to_yaml(cfg))
     extra = {}
     if os.environ.get(FAIL_ENV):
         extra["fail_once_at_step"] = int(os.environ[FAIL_ENV])
-    result = build_trainer(cfg, extra, callbacks).fit()
+    try:
+        result = input_errors.fit(lambda box: build_trainer(cfg, {**extra, **box}, callbacks))
+    except InputError as err:
+        append_event(run_dir, f"stopped, not retried: {err}")
+        raise
     if cfg.run.export:
         from vpd_ray.engine.checkpoint import export_checkpoint
 

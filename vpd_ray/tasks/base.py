@@ -75,6 +75,8 @@ class Task:
     paper_row: ClassVar[tuple[tuple[str, str], ...]]
     # What a prediction is, so inference picks the writer: "depth" (metres), "labels" (class ids), "mask" (0/1).
     output_kind: ClassVar[str]
+    # What ``inference_batch`` needs of a user besides the image (refer: "sentence").
+    inference_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg

@@ -66,6 +66,7 @@ class ReferTask(Task):
     # The paper's table columns for this task: (metric key, column label), for `python -m vpd_ray.evaluate`.
     paper_row = tuple((f"P@{t:.1f}", f"P@{t:.1f}") for t in PRECISION_THRESHOLDS) + (("oIoU", "oIoU"), ("mIoU", "mIoU"))
     output_kind = "mask"
+    inference_inputs = ("sentence",)
     cfg: ReferConfig
 
     def __init__(self, cfg: ReferConfig):

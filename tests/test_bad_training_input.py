@@ -1,0 +1,102 @@
+"""The bad-input matrix of training and evaluation (README "When something is wrong"): a
+deterministic error stops the run at once, without Ray Train's retries, as one line and exit 2;
+existing outputs stay byte-identical. A killed worker is still a fault that is retried and
+resumed (tests/test_train.py::test_fault_resumes_from_latest_checkpoint)."""
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SAMPLE = os.path.join("shards", "sample")
+TRAIN = "depth-train-{000000..000001}.tar"
+
+
+def _copy_train_shards(folder) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for name in ("depth-train-000000.tar", "depth-train-000001.tar", "depth-train.manifest.json"):
+        shutil.copy(os.path.join(SAMPLE, name), os.path.join(folder, name))
+
+
+def _rewrite_member(path, pick, data: bytes | None = None, extra: tuple[str, bytes] | None = None) -> None:
+    """Rewrite shard ``path``: the first member ``pick`` selects gets ``data``; ``extra`` adds a member."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    chosen = next(m.name for m, _ in members if pick(m.name))
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as out:
+        for member, content in members:
+            if member.name == chosen and data is not None:
+                content = data
+            if member.name == chosen and extra is not None:
+                info = tarfile.TarInfo(extra[0])
+                info.size = len(extra[1])
+                out.addfile(info, io.BytesIO(extra[1]))
+            member.size = len(content)
+            out.addfile(member, io.BytesIO(content))
+
+
+def truncated(folder) -> None:
+    path = os.path.join(folder, "depth-train-000001.tar")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2 + 100)  # inside a member
+
+
+def garbage_jpeg(folder) -> None:
+    _rewrite_member(os.path.join(folder, "depth-train-000000.tar"), lambda n: n.endswith(".jpg"), data=b"\xff\xd8garbage" * 50)
+
+
+def forbidden_field(folder) -> None:
+    _rewrite_member(os.path.join(folder, "depth-train-000000.tar"), lambda n: n.endswith(".jpg"),
+                    extra=("synth_depth_evil.pickle", b"\x80\x04K\x01."))
+
+
+def _train(tmp_path, overrides, timeout=300):
+    cmd = [sys.executable, "-m", "vpd_ray.train", "configs/sample.yaml", f"run.storage_path={tmp_path}/runs",
+           "run.name=bad", "train.max_steps=6", "train.val_every=3", "train.max_val_batches=1", "data.max_corrupt=0",
+           *overrides]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return proc, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("spoil, words", [(truncated, "depth-train-000001.tar"),
+                                          (garbage_jpeg, "corrupt samples"),
+                                          (forbidden_field, "pickle")], ids=["truncated", "garbage-jpeg", "forbidden"])
+def test_bad_shard_stops_training_at_once_in_one_line(ray_head, tmp_path, spoil, words):
+    shards = tmp_path / "shards"
+    _copy_train_shards(shards)
+    spoil(str(shards))
+    proc, seconds = _train(tmp_path, [f"tasks.depth.train_shards={shards}/{TRAIN}"])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    print(f"\n{spoil.__name__}: exit {proc.returncode} after {seconds:.0f} s: {errors}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and words in errors[0], proc.stderr[-3000:]
+    events = (tmp_path / "runs" / "bad" / "events.log").read_text()
+    assert "stopped, not retried" in events and "resuming" not in events  # no Ray Train retry
+
+
+def _digests(folder) -> dict[str, str]:
+    return {os.path.relpath(os.path.join(root, n), folder): hashlib.sha256(open(os.path.join(root, n), "rb").read()).hexdigest()
+            for root, _, files in os.walk(folder) for n in files}
+
+
+def test_finished_run_is_not_silently_resumed_and_nothing_changes(ray_head, tmp_path):
+    first, _ = _train(tmp_path, ["run.export=false"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _digests(tmp_path / "runs" / "bad")
+    again, _ = _train(tmp_path, ["run.export=false"])
+    assert again.returncode == 0 and "finished at step 6" in again.stdout and "Nothing to do" in again.stdout
+    assert _digests(tmp_path / "runs" / "bad") == before
+    never, _ = _train(tmp_path, ["run.resume=never"])
+    assert never.returncode == 2 and "run.resume=never" in never.stderr.strip().splitlines()[-1]
+    must, _ = _train(tmp_path, ["run.name=fresh", "run.resume=must"])
+    assert must.returncode == 2 and "has no checkpoint to resume" in must.stderr.strip().splitlines()[-1]
+    assert _digests(tmp_path / "runs" / "bad") == before
