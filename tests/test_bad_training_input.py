@@ -46,21 +46,26 @@ def _rewrite_member(path, pick, data: bytes | None = None, extra: tuple[str, byt
 def truncated(folder) -> None:
     path = os.path.join(folder, "depth-train-000001.tar")
     with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2 + 100)  # inside a member
+        f.truncate(os.path.getsize(path) // 20 + 100)  # inside a member, a few samples in
 
 
 def garbage_jpeg(folder) -> None:
-    _rewrite_member(os.path.join(folder, "depth-train-000000.tar"), lambda n: n.endswith(".jpg"), data=b"\xff\xd8garbage" * 50)
+    """The first image of each shard overwritten (every loader slot starts at a shard's first sample)."""
+    for shard in ("depth-train-000000.tar", "depth-train-000001.tar"):
+        _rewrite_member(os.path.join(folder, shard), lambda n: n.endswith(".jpg"), data=b"\xff\xd8garbage" * 50)
 
 
 def forbidden_field(folder) -> None:
-    _rewrite_member(os.path.join(folder, "depth-train-000000.tar"), lambda n: n.endswith(".jpg"),
-                    extra=("synth_depth_evil.pickle", b"\x80\x04K\x01."))
+    """A pickle member in the first sample of each shard (refused, never unpickled)."""
+    for shard in ("depth-train-000000.tar", "depth-train-000001.tar"):
+        _rewrite_member(os.path.join(folder, shard), lambda n: n.endswith(".jpg"),
+                        extra=(f"{shard[:-4]}_evil.pickle", b"\x80\x04K\x01."))
 
 
 def _train(tmp_path, overrides, timeout=300):
     cmd = [sys.executable, "-m", "vpd_ray.train", "configs/sample.yaml", f"run.storage_path={tmp_path}/runs",
            "run.name=bad", "train.max_steps=6", "train.val_every=3", "train.max_val_batches=1", "data.max_corrupt=0",
+           "data.shuffle_buffer=0",  # slots read their ranges in order: the spoiled first samples come first
            *overrides]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

@@ -257,3 +257,10 @@ def test_rank_and_world_size_come_from_ray_train(ray_cluster, shards, tmp_path):
     results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert [(r["rank"], r["world_size"]) for r in results] == [(0, 2), (1, 2)]
     assert sorted(results[0]["keys"] + results[1]["keys"]) == [f"k{i:04d}" for i in range(sum(COUNTS))]
+
+
+def test_shuffle_buffer_of_zero_or_one_keeps_the_order():
+    from vpd_ray.data.pipeline import shuffle_buffer
+
+    for size in (0, 1):
+        assert list(shuffle_buffer(iter(range(5)), size, np.random.default_rng(0))) == [0, 1, 2, 3, 4]

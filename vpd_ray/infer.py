@@ -4,13 +4,19 @@ Batch offline inference on Ray Data: images are read by Ray, a pool of actors (o
 the cluster has GPUs, CPU otherwise) each load the model package once and write one output per
 input, named after it. Outputs that exist are skipped, unreadable images are listed in
 ``DIR/infer_report.json``; the last line printed is the summary (images, failures, images/s).
+
+Exit codes: 0 when every input was written or skipped; 1 when any failed (the rest written; with
+``--max-failed N`` the job stops once more than N failed); 2 for a bad ``--model``/``--task``/
+``--input`` or a shard with a field outside the decode whitelist (one line, nothing of it written).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
+from vpd_ray.errors import InputError, first_line
 from vpd_ray.inference.runner import InferOptions, resolve_task, run_inference
 from vpd_ray.inference.sources import resolve_input
 
@@ -32,14 +38,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[InferOptions, argparse.Na
     parser.add_argument("--batch-size", type=int, default=4, help="images per actor call")
     parser.add_argument("--concurrency", type=int, help="number of model actors (default: one per GPU, else one)")
     parser.add_argument("--num-cpus-per-actor", type=float, default=1.0, help="CPUs per actor on a CPU-only cluster")
+    parser.add_argument("--max-failed", type=int, metavar="N",
+                        help="stop once more than N inputs failed (default: never stop early; exit 1 if any failed)")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or a local instance)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance")
     args = parser.parse_args(argv)
+    if args.max_failed is not None and args.max_failed < 0:
+        parser.error(f"--max-failed {args.max_failed}: give a count of 0 or more")
     opts = InferOptions(model=args.model, input=args.input, output=args.output, task=args.task,
                         protocol=args.protocol, preview=args.preview, max_side=args.max_side or None,
                         batch_size=args.batch_size, concurrency=args.concurrency,
-                        num_cpus_per_actor=args.num_cpus_per_actor)
+                        num_cpus_per_actor=args.num_cpus_per_actor, max_failed=args.max_failed)
     return opts, args
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's own INFO lines (execution plan, and its progress where the console is no
+    terminal: a dozen a job) go to its log file only, so the console holds this job's progress
+    lines and its summary or one-line error. Its warnings, and its progress bars in a terminal, stay."""
+    import ray.data  # noqa: F401 - configures its loggers on import
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):  # the console; the session log file is no stream
+            handler.setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,18 +68,25 @@ def main(argv: list[str] | None = None) -> int:
     try:  # a wrong --model/--task/--input is one line before any Ray process starts
         resolve_task(opts.model, opts.task)
         resolve_input(opts.input)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"infer: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, InputError) as err:
+        print(f"infer: {first_line(err)}", file=sys.stderr)
         return 2
     import ray
 
-    ray.init(address=args.ray_address, num_cpus=args.num_cpus, include_dashboard=False)
+    own_ray = not ray.is_initialized()  # a caller already connected (a notebook, a test) keeps its connection
+    if own_ray:
+        ray.init(address=args.ray_address, num_cpus=args.num_cpus, include_dashboard=False)
+    quiet_ray_data()
     try:
         summary = run_inference(opts)
+    except InputError as err:  # a refused shard: the same input fails the same way, so no summary
+        print(f"infer: {first_line(err)}", file=sys.stderr)
+        return 2
     finally:
-        ray.shutdown()
+        if own_ray:
+            ray.shutdown()
     print(summary.line(opts.output))
-    return 1 if summary.failed and not summary.written else 0
+    return summary.exit_code
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vpd_ray.errors import DataError
 from vpd_ray.modeling import build_model
 
 WEIGHTS = "model.safetensors"
@@ -120,14 +121,33 @@ def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sou
     model.load_state_dict(state_dict, strict=True)
 
 
+class PackageError(DataError, ValueError):
+    """A directory whose files are not a vpd_ray package (a ValueError for the callers that catch one)."""
+
+
+def check_package(path: str) -> None:
+    """The file check of :func:`load_package`, cheap enough for a driver before any worker starts:
+    the three files exist and the weights parse as safetensors (the header only; safetensors' own
+    error names no file, and a model build before it would print pages of its own)."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = os.path.join(path, WEIGHTS)
+    for needed in (weights, os.path.join(path, CONFIG), os.path.join(path, ARCHITECTURE)):
+        if not os.path.isfile(needed):
+            raise FileNotFoundError(f"{path!r} is not a model package: {os.path.basename(needed)} missing")
+    try:
+        with safe_open(weights, framework="pt"):
+            pass
+    except SafetensorError as err:
+        raise PackageError(f"{weights} is not a safetensors file ({err}); {path!r} is not a vpd_ray package") from None
+
+
 def load_package(path: str) -> tuple["Any", DictConfig]:
     """``(VPDModel in eval mode, resolved config)`` from a package directory."""
     from safetensors.torch import load_file
 
+    check_package(path)
     weights, config_path = os.path.join(path, WEIGHTS), os.path.join(path, CONFIG)
-    for needed in (weights, config_path, os.path.join(path, ARCHITECTURE)):
-        if not os.path.isfile(needed):
-            raise FileNotFoundError(f"{path!r} is not a model package: {os.path.basename(needed)} missing")
     cfg = load_config(config_path)
     model = build_model(cfg, read_architecture(path))
     load_strict(model, load_file(weights), source=weights)

@@ -8,6 +8,10 @@ without being decoded.
 
 Decoded sample (see docs/architecture.md): ``image`` uint8 HxWx3, ``depth`` float32 HxW metres,
 ``label`` / ``mask`` uint8 HxW, ``meta`` dict, plus ``__key__`` and ``__url__``.
+
+Images that cannot be shown as 8-bit RGB as they are (16-bit, palette, alpha, CMYK, grayscale) are
+converted as a viewer shows them or refused with a ValueError naming why (:func:`decode_image`),
+never clipped; 8-bit RGB, every training shard's image, is returned exactly as stored.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+
+from vpd_ray.errors import DataError
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png")
 # shard extension -> decoded sample key
@@ -31,10 +37,18 @@ KNOWN_FIELDS = {
     "json": "meta",
 }
 DEPTH_SCALE = 1000.0  # depth PNGs hold uint16 millimetres
+# The VAE encodes 8x8 pixels into one latent cell: a smaller image is less than one cell of content.
+MIN_SIDE = 8
+GRAY16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # PIL's modes of 16-bit grayscale PNG / TIFF
+_GRAY16_TO_8 = 257  # 65535 / 255: the full 16-bit range onto 0..255, and 8-bit k stored as k * 257 back to k
 
 
-class ForbiddenFieldError(ValueError):
-    """A shard field outside the whitelist: a configuration or security problem, never skipped."""
+class ForbiddenFieldError(DataError, ValueError):
+    """A shard field outside the whitelist: a configuration or security problem, never skipped.
+
+    A DataError, so every layer treats it as deterministic (no retry); a ValueError for the callers
+    that caught it as one.
+    """
 
 
 class CorruptSampleError(ValueError):
@@ -49,9 +63,47 @@ def _open_image(data: bytes):
     return image
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """JPEG/PNG bytes -> uint8 ``[H, W, 3]`` RGB."""
-    return np.asarray(_open_image(data).convert("RGB"))
+def decode_image(data: bytes, orient: bool = True) -> np.ndarray:
+    """Image bytes -> uint8 ``[H, W, 3]`` RGB as a viewer shows the file, or a ValueError saying why not.
+
+    ``orient``: apply the EXIF orientation (a phone photo stored sideways). Shard samples are decoded
+    without it (:func:`decode_sample`), since their label, mask and depth fields are aligned with the
+    stored pixels (COCO's masks ignore the EXIF orientation of its photos). Images smaller than
+    :data:`MIN_SIDE` a side are refused. See :func:`to_rgb` for the conversions.
+    """
+    from PIL import ImageOps
+
+    image = _open_image(data)
+    if orient:
+        ImageOps.exif_transpose(image, in_place=True)
+    if min(image.size) < MIN_SIDE:
+        raise ValueError(f"image is {image.width}x{image.height} px; the model needs at least {MIN_SIDE} px a side")
+    return to_rgb(image)
+
+
+def to_rgb(image: Any) -> np.ndarray:
+    """A PIL image -> uint8 ``[H, W, 3]`` RGB, never clipped.
+
+    8-bit RGB: as stored. 16-bit grayscale: ``round(v / 257)``, the full 0..65535 range onto 0..255
+    (PIL's own conversion clips at 255, which turns most of a 16-bit photo white); a fixed scale, not
+    the image's own min..max, so brightness is kept. Transparency (RGBA, LA, a palette's or a
+    colour key's): composited on white, as a viewer shows it on a page; the colour stored under a
+    transparent pixel is arbitrary (often black). L, 1, P, CMYK, YCbCr: PIL's conversion (grey
+    replicated, the palette looked up, CMYK by PIL's formula without a colour profile). 32-bit
+    integer or float images have no fixed range and are refused.
+    """
+    from PIL import Image
+
+    if image.mode in GRAY16_MODES:
+        gray = (np.asarray(image).astype(np.uint32) + _GRAY16_TO_8 // 2) // _GRAY16_TO_8
+        return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2)
+    if image.mode in ("I", "F"):
+        raise ValueError(f"image mode {image.mode} (32-bit {'integer' if image.mode == 'I' else 'float'}) has no "
+                         "fixed range to map to 8 bits; save it as 8-bit RGB or 16-bit grayscale")
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(image.convert("RGB"))
 
 
 def decode_depth(data: bytes) -> np.ndarray:
@@ -71,7 +123,7 @@ def decode_index_png(data: bytes) -> np.ndarray:
 
 
 _DECODERS = {
-    "image": decode_image,
+    "image": lambda data: decode_image(data, orient=False),  # aligned with the label fields (decode_image)
     "depth": decode_depth,
     "label": decode_index_png,
     "mask": decode_index_png,
@@ -93,18 +145,24 @@ def wanted_extensions(fields: Iterable[str] | None) -> set[str]:
     return fields
 
 
+def check_fields(extensions: Iterable[str], key: str, url: str) -> None:
+    """Raise ForbiddenFieldError naming the shard, the key and every field of the sample outside the
+    whitelist; the one check of training and of inference (which runs it over a whole shard first)."""
+    forbidden = sorted(ext for ext in extensions if ext not in KNOWN_FIELDS)
+    if forbidden:
+        raise ForbiddenFieldError(
+            f"shard {url}, key {key}: field(s) {forbidden} are not in the decode whitelist "
+            f"{sorted(KNOWN_FIELDS)}; refusing to read this shard"
+        )
+
+
 def decode_sample(raw: dict[str, bytes], key: str, url: str, wanted: set[str]) -> dict[str, Any]:
     """Decode the ``wanted`` extensions of one raw sample.
 
     Raises ForbiddenFieldError for a field outside the whitelist and CorruptSampleError for
     undecodable bytes or a wanted field that is missing.
     """
-    forbidden = sorted(ext for ext in raw if ext not in KNOWN_FIELDS)
-    if forbidden:
-        raise ForbiddenFieldError(
-            f"shard {url}, key {key}: field(s) {forbidden} are not in the decode whitelist "
-            f"{sorted(KNOWN_FIELDS)}; refusing to read this shard"
-        )
+    check_fields(raw, key, url)
     sample: dict[str, Any] = {"__key__": key, "__url__": url}
     for ext, data in raw.items():
         if ext not in wanted:

@@ -92,6 +92,9 @@ def epoch_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[i
 
 def shuffle_buffer(samples: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
     """Yield ``samples`` in a random order using a buffer of ``size`` (1 or less: unchanged)."""
+    if size <= 1:
+        yield from samples
+        return
     buffer: list[Any] = []
     for sample in samples:
         if len(buffer) < size:

@@ -16,8 +16,7 @@ import numpy as np
 
 from vpd_ray.data import decode
 from vpd_ray.inference import sources, writers
-
-WRITTEN, SKIPPED, FAILED = "written", "skipped", "failed"
+from vpd_ray.inference.sources import FAILED, SKIPPED, WRITTEN
 
 
 def row_meta(row: dict[str, Any]) -> dict[str, Any]:
@@ -36,9 +35,9 @@ def row_meta(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Ray's column batch -> a list of row dicts."""
+    """Ray's column batch -> a list of row dicts (a shard row's with the fields its sample has)."""
     n = len(next(iter(batch.values())))
-    return [{key: column[i] for key, column in batch.items()} for i in range(n)]
+    return [sources.present_fields({key: column[i] for key, column in batch.items()}) for i in range(n)]
 
 
 def _fit(image: np.ndarray, max_side: int | None) -> np.ndarray:
@@ -59,7 +58,8 @@ class Predictor:
     Rows carry the image as ``bytes`` (folder/glob), a ``path`` to read (referring pairs, with
     ``sentence``) or whitelisted shard fields (``jpg``/``png``, ``json``). Each image is decoded,
     predicted at (at most) ``max_side`` and written at its original size; an image that cannot be
-    read or decoded becomes a ``failed`` row with the reason instead of stopping the job.
+    read or decoded becomes a ``failed`` row with the reason instead of stopping the job. The shard
+    read's own verdicts (a ``status`` column: refused shard, cut shard) pass through unchanged.
     """
 
     def __init__(
@@ -90,6 +90,9 @@ class Predictor:
         todo: list[tuple[str, str, np.ndarray, dict[str, Any]]] = []  # (source, name, image, task inputs)
         for row in _rows(batch):
             source, name = self._identify(row)
+            if row.get("status"):
+                statuses.append((source, name, str(row["status"]), str(row["error"])))
+                continue
             if sources.output_path(self.output_dir, name).exists():
                 statuses.append((source, name, SKIPPED, ""))
                 continue
@@ -112,18 +115,21 @@ class Predictor:
 
     def _identify(self, row: dict[str, Any]) -> tuple[str, str]:
         """(what to name in the report, output name) of one row."""
-        if "__key__" in row:
-            return f"{row['__url__']}#{row['__key__']}", str(row["__key__"])
+        if "__key__" in row:  # a shard-wide verdict has no key: it names the shard
+            key = str(row["__key__"])
+            return f"{row['__url__']}#{key}" if key else str(row["__url__"]), key
         if "name" in row:
             return str(row["path"]), str(row["name"])
         return str(row["path"]), sources.output_name(str(row["path"]), self.root)
 
     @staticmethod
     def _decode(row: dict[str, Any]) -> np.ndarray:
-        """The row's image as uint8 HxWx3, through the data pipeline's whitelist decoder."""
+        """The row's image as uint8 HxWx3: a shard sample's as training decodes it, a file's as a
+        viewer shows it (:func:`vpd_ray.data.decode.decode_image`)."""
         if "__key__" in row:
-            raw = {ext: row[ext] for ext in sources.SHARD_FIELDS if ext != "json" and row.get(ext) is not None}
-            return decode.decode_sample(raw, str(row["__key__"]), str(row["__url__"]), set(raw))["image"]
+            raw = {ext: row[ext] for ext in sources.SHARD_FIELDS if ext != "json" and ext in row}
+            wanted = set(decode.IMAGE_FIELDS)  # a sample without an image is "missing field(s) ['image']"
+            return decode.decode_sample(raw, str(row["__key__"]), str(row["__url__"]), wanted)["image"]
         data = row["bytes"] if "bytes" in row else Path(row["path"]).read_bytes()
         return decode.decode_image(data)
 

@@ -8,6 +8,11 @@ the Ray Data dataset the predictor actors consume.
 Output names mirror input names: ``DIR/sub/img.jpg`` under ``--input DIR`` becomes
 ``OUT/sub/img.png``; a shard sample becomes ``OUT/<__key__>.png``; the n-th (0-based) line of a
 referring JSONL becomes ``OUT/<image name>__<id or n>.png``.
+
+Shards are read as training reads them (:mod:`vpd_ray.data.tario`, the decode whitelist), with
+the read's verdicts as rows: a shard with a field outside the whitelist, or one its manifest marks
+incomplete, is one ``refused`` row (nothing of it is predicted or written; the driver stops the
+job), a cut shard is its samples before the cut plus one ``failed`` row naming it.
 """
 
 from __future__ import annotations
@@ -16,14 +21,23 @@ import dataclasses
 import glob
 import json
 import os
+import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vpd_ray.data import decode, tario
+from vpd_ray.errors import DataError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-# Shard fields an inference job may read: the image and its metadata. Everything else in a shard
-# (labels, and any pickled field an untrusted shard might carry) is never even grouped into a row.
+# Shard fields an inference job reads, once the whole shard passed the whitelist: the image and its
+# metadata. Labels and masks stay in the read task.
 SHARD_FIELDS = ("jpg", "jpeg", "png", "json")
 OUTPUT_SUFFIX = ".png"
+# Row statuses. The shard read's own verdicts (FAILED: a sample it could not read; REFUSED: a shard
+# with a field outside the whitelist, or an incomplete conversion) pass through the predictor, which
+# adds the other outcomes.
+WRITTEN, SKIPPED, FAILED, REFUSED = "written", "skipped", "failed", "refused"
 
 
 @dataclasses.dataclass
@@ -67,6 +81,9 @@ def _expand_shards(spec: str) -> list[str]:
     missing = [url for url in urls if not os.path.isfile(url)]
     if missing:
         raise FileNotFoundError(f"shard(s) not found: {', '.join(missing[:5])}")
+    refusal = tario.incomplete_reason(urls)  # training's refusal, before any actor loads the model
+    if refusal:
+        raise DataError(refusal)
     return urls
 
 
@@ -121,7 +138,7 @@ def _read_pairs(jsonl: str) -> list[dict[str, Any]]:
 
 
 def resolve_input(spec: str) -> InferenceInput:
-    """Parse ``--input``; raises FileNotFoundError / ValueError naming the bad value."""
+    """Parse ``--input``; raises FileNotFoundError / ValueError / DataError naming the bad value."""
     if spec.endswith(".jsonl"):
         pairs = _read_pairs(spec)
         _check_unique_names([p["name"] for p in pairs], [p["path"] for p in pairs])
@@ -147,12 +164,69 @@ def drop_existing(source: InferenceInput, output_dir: str | Path) -> tuple[Infer
     return source, 0
 
 
+def check_shard_fields(url: str) -> None:
+    """Raise decode's ForbiddenFieldError for the first sample of shard ``url`` with a field outside
+    the whitelist, the message training gives. Reads member headers only (tar mode ``r:`` seeks over
+    the data); a cut or unreadable tar ends the scan, and the read that follows reports it."""
+    fields: dict[str, set[str]] = {}  # key -> extensions, in tar order
+    try:
+        with tario.open_url(url) as fileobj, tarfile.open(fileobj=fileobj, mode="r:") as tar:
+            for member in tar:
+                if member.isfile():
+                    key, ext = tario.split_name(member.name)
+                    fields.setdefault(key, set()).add(ext)
+    except (tarfile.ReadError, EOFError):
+        pass
+    for key, extensions in fields.items():
+        decode.check_fields(extensions, key, url)
+
+
+def shard_row(url: str, key: str, fields: dict[str, bytes] | None = None, status: str = "",
+              error: str = "") -> dict[str, Any]:
+    """One row of a shard read; ``status`` is "" for a sample to predict, else the read's verdict.
+
+    Every row has every column, ``b""`` where the sample lacks the field and ``fields`` naming the
+    ones it has: Ray Data turns a block's column of Nones into float NaNs. :func:`present_fields`
+    undoes this.
+    """
+    fields = {ext: data for ext, data in (fields or {}).items() if ext in SHARD_FIELDS}
+    return {"__url__": url, "__key__": key, "status": status, "error": error, "fields": ",".join(fields),
+            **{ext: fields.get(ext, b"") for ext in SHARD_FIELDS}}
+
+
+def present_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """A shard row with only the fields its sample has (:func:`shard_row`); other rows unchanged."""
+    if "fields" not in row:
+        return row
+    present = set(str(row["fields"]).split(","))
+    return {name: value for name, value in row.items() if name not in SHARD_FIELDS or name in present}
+
+
+def read_shard(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """``flat_map`` of ``{"url": shard}``: the whitelist check of the whole shard, then its samples
+    (see the module docstring for the refused and failed rows)."""
+    url = item["url"]
+    try:
+        check_shard_fields(url)
+        # The manifest's count (where there is one) tells a cut on a member boundary, as in training;
+        # shard_counts refuses a shard its manifest marks incomplete.
+        take = tario.shard_counts([url])[0] if tario.read_manifest(url) else None
+    except DataError as err:
+        yield shard_row(url, "", status=REFUSED, error=str(err))
+        return
+    try:
+        for key, fields in tario.iter_raw_samples(url, take=take):
+            yield shard_row(url, key, fields)
+    except tario.TruncatedShardError as err:
+        yield shard_row(url, "", status=FAILED, error=f"TruncatedShardError: {err}")
+
+
 def build_dataset(source: InferenceInput, blocks: int | None = None):
     """The Ray Data dataset of raw inputs (image bytes are decoded by the predictor, never here).
 
     Rows: ``files`` -> ``bytes``, ``path``; ``pairs`` -> ``path``, ``name``, ``sentence`` (the
     predictor reads the image, so one image shared by many sentences is no special case);
-    ``shards`` -> ``__key__``, ``__url__`` and the raw bytes of the whitelisted fields.
+    ``shards`` -> :func:`shard_row`'s, one read task per shard.
     """
     import ray.data
 
@@ -162,6 +236,5 @@ def build_dataset(source: InferenceInput, blocks: int | None = None):
         return ray.data.read_binary_files(source.paths, include_paths=True, override_num_blocks=blocks, num_cpus=0)
     if source.kind == "pairs":
         return ray.data.from_items(source.pairs, override_num_blocks=blocks)
-    # decoder=None: Ray's default webdataset decoder would unpickle .pyd/.pth fields.
-    return ray.data.read_webdataset(source.urls, decoder=None, suffixes=list(SHARD_FIELDS), override_num_blocks=blocks,
-                                    num_cpus=0)
+    urls = ray.data.from_items([{"url": url} for url in source.urls], override_num_blocks=blocks or len(source.urls))
+    return urls.flat_map(read_shard, num_cpus=0)

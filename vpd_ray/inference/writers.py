@@ -9,7 +9,7 @@ referring masks as palette PNGs whose pixel values are the class indices (a view
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +24,13 @@ def atomic_save(image: Image.Image, path: Path) -> None:
     """Save ``image`` to ``path`` through a temporary file in the same folder.
 
     A crashed job then leaves either the whole output or none, so "skip outputs that exist"
-    never keeps a truncated file.
+    never keeps a truncated file. The temporary file is created with mode ``0o666 & ~umask``, what
+    a plain ``open()`` gives (``tempfile.mkstemp``'s 0600 would lock others out of shared storage);
+    its random name and ``O_EXCL`` keep concurrent writers apart.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
+    tmp = path.parent / f".{path.stem}.{secrets.token_hex(8)}{path.suffix}"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         image.save(tmp, format="PNG" if path.suffix.lower() == ".png" else None)
         os.replace(tmp, path)
