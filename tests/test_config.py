@@ -1,5 +1,6 @@
 """Config: schema typing, overrides, derived accumulation, and the one-line exit-2 errors."""
 
+import re
 import subprocess
 import sys
 
@@ -123,6 +124,7 @@ def test_remote_paths_are_left_for_a_worker(tmp_path):
                                                                                "tasks.depth.val_shards"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["vpd_ray.train", "vpd_ray.evaluate"])
 def test_cli_bad_config_exits_2_with_one_line(module):
     args = [sys.executable, "-m", module, SAMPLE, "train.max_steps=abc"]
@@ -200,6 +202,15 @@ except SystemExit as exit:
 
 
 @pytest.mark.parametrize("config, override, words", BAD_TASK_OPTIONS)
+def test_bad_task_option_is_a_config_error_on_the_driver(config, override, words):
+    with pytest.raises(ConfigError, match=re.escape(words)) as info:
+        load(config, [override])
+    assert "\n" not in str(info.value)
+
+
+# The command-line proofs (a fresh interpreter each, ~4 s of imports): slow, in CI, not in the fast loop.
+@pytest.mark.slow
+@pytest.mark.parametrize("config, override, words", BAD_TASK_OPTIONS)
 def test_bad_task_option_is_one_line_and_exit_2_before_ray(config, override, words):
     """Task options are typed and checked on the driver (config.task_config): no Ray, no worker."""
     import time
@@ -250,6 +261,7 @@ def test_values_out_of_range_name_the_key(override, words):
         load(SAMPLE, [override])
 
 
+@pytest.mark.slow
 def test_invalid_yaml_is_one_line_with_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: 1e-3\n  max_steps: [1, 2\n")
@@ -266,6 +278,7 @@ def test_shard_specs_that_name_nothing(tmp_path, spec, words):
         load(SAMPLE, [f"tasks.depth.train_shards={spec}"])
 
 
+@pytest.mark.slow
 def test_evaluate_checkpoint_that_does_not_exist_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "vpd_ray.evaluate", SAMPLE, "--checkpoint", "/nowhere/package"],
                           capture_output=True, text=True, timeout=120)

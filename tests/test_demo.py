@@ -165,6 +165,7 @@ def server(packages, tmp_path_factory):
             proc.wait()
 
 
+@pytest.mark.slow  # a server subprocess: ~12 s
 def test_server_predicts_and_explains_bad_inputs(server, photos):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
