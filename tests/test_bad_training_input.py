@@ -27,7 +27,8 @@ def _copy_train_shards(folder) -> None:
 
 
 def _rewrite_member(path, pick, data: bytes | None = None, extra: tuple[str, bytes] | None = None) -> None:
-    """Rewrite shard ``path``: the first member ``pick`` selects gets ``data``; ``extra`` adds a member."""
+    """Rewrite shard ``path``: the first member ``pick`` selects gets ``data``; ``extra`` adds a member
+    to that member's sample (``extra[0]`` is its extension)."""
     with tarfile.open(path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
     chosen = next(m.name for m, _ in members if pick(m.name))
@@ -36,7 +37,7 @@ def _rewrite_member(path, pick, data: bytes | None = None, extra: tuple[str, byt
             if member.name == chosen and data is not None:
                 content = data
             if member.name == chosen and extra is not None:
-                info = tarfile.TarInfo(extra[0])
+                info = tarfile.TarInfo(f"{chosen.split('.', 1)[0]}.{extra[0]}")
                 info.size = len(extra[1])
                 out.addfile(info, io.BytesIO(extra[1]))
             member.size = len(content)
@@ -58,8 +59,7 @@ def garbage_jpeg(folder) -> None:
 def forbidden_field(folder) -> None:
     """A pickle member in the first sample of each shard (refused, never unpickled)."""
     for shard in ("depth-train-000000.tar", "depth-train-000001.tar"):
-        _rewrite_member(os.path.join(folder, shard), lambda n: n.endswith(".jpg"),
-                        extra=(f"{shard[:-4]}_evil.pickle", b"\x80\x04K\x01."))
+        _rewrite_member(os.path.join(folder, shard), lambda n: n.endswith(".jpg"), extra=("pickle", b"\x80\x04K\x01."))
 
 
 def _train(tmp_path, overrides, timeout=300):
