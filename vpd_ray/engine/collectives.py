@@ -13,21 +13,21 @@ import torch.distributed as dist
 
 from vpd_ray.errors import InputError, original_message
 
-FINE, NONFINITE, FAILED = 0, 1, 2
+NONFINITE, FAILED = 1, 2  # 0: fine
 
 
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _rank() -> int:
-    return dist.get_rank() if distributed() else 0
+def rank() -> int:
+    return dist.getrank() if distributed() else 0
 
 
 def flag_of(error: InputError | None, loss: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """This rank's flag as a device tensor (no host sync): failed, else whether ``loss`` is not finite."""
     if error is not None or loss is None:
-        return torch.tensor([FAILED + _rank()], dtype=torch.int64, device=device)
+        return torch.tensor([FAILED + rank()], dtype=torch.int64, device=device)
     return (~torch.isfinite(loss.detach())).long().reshape(1).to(device)
 
 
@@ -47,4 +47,4 @@ def raise_if_failed(status: int, error: InputError | None) -> None:
     if distributed():
         dist.broadcast_object_list(payload, src=source)
     kind, message = payload[0]
-    raise kind(message if source == _rank() else f"{message} (on rank {source})")
+    raise kind(message if source == rank() else f"{message} (on rank {source})")

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from vpd_ray.contracts import Batch
-from vpd_ray.engine.collectives import FAILED, agree, distributed, raise_if_failed
+from vpd_ray.engine.collectives import FAILED, agree, distributed, raise_if_failed, rank
 from vpd_ray.errors import InputError
 from vpd_ray.tasks.base import Task
 
@@ -41,7 +41,7 @@ def lockstep(
         except InputError as err:
             error = err
         seen += batch is not None
-        flag = FAILED + (dist.get_rank() if distributed() else 0) if error is not None else int(batch is not None)
+        flag = FAILED + rank() if error is not None else int(batch is not None)
         status = agree(torch.tensor([flag], dtype=torch.int64, device=device))
         raise_if_failed(status, error)
         if not status:

@@ -311,8 +311,10 @@ def _latest_checkpoint() -> ResumePoint | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
-    with checkpoint.as_directory() as directory:
-        meta = ckpt.read_meta(directory)
+    # meta.json alone, through the checkpoint's filesystem: as_directory would download the whole
+    # checkpoint (GiBs on cloud storage) before the weights or DeepSpeed's state are even read.
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{ckpt.META}") as f:
+        meta = json.loads(f.read())
     meta.setdefault("world_size", ray.train.get_context().get_world_size())  # written before it was recorded
     return ResumePoint(checkpoint.path, checkpoint, meta)
 
