@@ -21,7 +21,7 @@ def distributed() -> bool:
 
 
 def rank() -> int:
-    return dist.getrank() if distributed() else 0
+    return dist.get_rank() if distributed() else 0
 
 
 def flag_of(error: InputError | None, loss: torch.Tensor | None, device: torch.device) -> torch.Tensor:
