@@ -340,11 +340,11 @@ def test_outputs_get_the_mode_open_would_give(tmp_path, umask):
     old = os.umask(umask)
     try:
         writers.write_depth_png(tmp_path / "d.png", np.ones((8, 8), np.float32))
-        writers.write_depth_preview(tmp_path / "preview" / "d.jpg", np.ones((8, 8), np.float32))
+        writers.write_preview(tmp_path / "preview" / "p.png", np.ones((8, 8, 3), np.uint8))
         writers.write_label_png(tmp_path / "l.png", np.zeros((8, 8), np.uint8))
         with open(tmp_path / "plain", "w"):
             pass
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
-    assert modes == dict.fromkeys(["d.png", "d.jpg", "l.png", "plain"], 0o666 & ~umask)
+    assert modes == dict.fromkeys(["d.png", "p.png", "l.png", "plain"], 0o666 & ~umask)

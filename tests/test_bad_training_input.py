@@ -84,6 +84,8 @@ def test_bad_shard_stops_training_at_once_in_one_line(ray_head, tmp_path, spoil,
     print(f"\n{spoil.__name__}: exit {proc.returncode} after {seconds:.0f} s: {errors}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(errors) == 1 and words in errors[0], proc.stderr[-3000:]
+    console = [line for line in (proc.stdout + proc.stderr).splitlines() if not line.startswith("[vpd] plan: ")]
+    assert len(console) <= 6 and "Traceback" not in proc.stdout + proc.stderr, console  # Ray's 2 lines, progress, the error
     events = (tmp_path / "runs" / "bad" / "events.log").read_text()
     assert "stopped, not retried" in events and "resuming" not in events  # no Ray Train retry
 

@@ -181,9 +181,11 @@ def test_ray_inference_matches_single_process_and_reruns_cheaply(ray_cluster, de
         want = reference_depth_mm(model, image_path).astype(np.int64)
         assert got.shape == want.shape == np.asarray(Image.open(image_path)).shape[:2]
         assert np.abs(got - want).max() <= 1  # rounding to whole millimetres
-        assert (out / "preview" / f"{name}.jpg").is_file()
+        preview = np.asarray(Image.open(out / "preview" / f"{name}.png"))
+        assert preview.ndim == 3 and preview.std() > 10  # the task's picture: photo | depth with its colour bar
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert len(stamps) == 2 * 5  # outputs and previews
     again = run_inference(opts)
     assert (again.written, again.skipped, again.failed) == (0, 5, 1)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == stamps

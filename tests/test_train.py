@@ -216,6 +216,48 @@ def test_resume_on_fewer_workers_continues_steps_and_schedule(ray_cluster, tmp_p
     assert any(k.startswith("backbone.vae.") for k in model.state_dict())
 
 
+def test_validation_pictures_of_every_task_reach_tensorboard(ray_cluster, tmp_path):
+    """The multitask sample: at each validation rank 0 draws train.log_images samples per task."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vpd_ray.engine.train_job import fit
+
+    cfg = load("configs/sample_multitask.yaml", [f"run.storage_path={tmp_path}", "train.max_steps=2",
+                                                 "train.val_every=2", "train.log_every=1", "train.max_val_batches=1",
+                                                 "train.log_images=2", "data.num_workers=0", "run.export=false"])
+    fit(cfg)
+    events = EventAccumulator(os.path.join(str(tmp_path), cfg.run.name, "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    images = sorted(events.Tags()["images"])
+    assert images == ["depth/val_0", "depth/val_1", "seg/val_0", "seg/val_1"]
+    for tag in images:
+        (event,) = events.Images(tag)
+        assert event.step == 2 and event.width > 3 * event.height / 2  # image | truth | prediction (| error)
+
+
+def test_cli_console_is_one_line_per_log_step_and_validation(ray_cluster, tmp_path):
+    """The driver's console: the plan, a progress line per log step, a line per validation, the summary;
+    no worker output, no Ray Train report dicts, no tracebacks (run.verbose brings Ray's lines back)."""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vpd_ray.train", "configs/sample.yaml", f"run.storage_path={tmp_path}",
+         "train.max_steps=8", "train.log_every=2", "train.val_every=4", "train.max_val_batches=1",
+         "data.num_workers=0"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    ours = [line for line in lines if not line.startswith("[vpd] plan: ")]
+    assert [line.split(" · ")[0] for line in ours if " validation: " not in line and "comm op" not in line][:4] == [
+        "[vpd] step 2/8", "[vpd] step 4/8", "[vpd] step 6/8", "[vpd] step 8/8"]
+    assert sum(" validation: " in line for line in ours) == 2
+    assert "ETA" in ours[0] and "depth/rmse" in ours[-2]
+    assert ours[-1].startswith("[vpd] done: step 8/8") and "best depth/rmse" in ours[-1] and "model package: " in ours[-1]
+    assert len(ours) <= 4 + 2 + 2  # + the one-time comm-op announcement
+    everything = proc.stdout + proc.stderr
+    for noise in ("RayTrainWorker", "TrainController", "Traceback", "TrainingReport", "FutureWarning"):
+        assert noise not in everything, everything[-3000:]
+    assert len(proc.stderr.splitlines()) <= 3, proc.stderr  # Ray's connect line and its auth notice
+
+
 def test_paths_only_the_workers_see_are_checked_on_a_worker(ray_cluster, tmp_path, monkeypatch):
     """A head node without the data mount: the driver cannot see the shards, a worker node can."""
     from vpd_ray.config import ConfigError, deferred_checks

@@ -105,10 +105,57 @@ def test_render_puts_titled_panels_side_by_side(tmp_path):
     assert one.dtype == four.dtype == np.uint8 and one.ndim == four.ndim == 3 and four.shape[2] == 3
     assert four.shape[1] > 3 * one.shape[1]
     assert four.std() > 10  # drawn, not blank
-    vz.save_png(four, tmp_path / "panels.png")
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "panels.png")), four)
     seg = vz.render([vz.seg_panel(image, np.zeros((48, 64), np.uint8), ADE20K_CLASSES),
                      vz.refer_panel(image, np.ones((48, 64), np.uint8), "the one on the left")])
     assert seg.shape[2] == 3
     with pytest.raises(ValueError, match="at least one panel"):
         vz.render([])
+
+
+def _eval_batch(h=32, w=40, b=2):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    return {"image": torch.rand(b, 3, h, w, generator=gen)}, gen
+
+
+def test_each_task_draws_its_own_example_from_an_eval_batch():
+    """What TensorBoard gets at validation: the task turns (batch, predict output, index) into panels."""
+    import torch
+
+    from vpd_ray.tasks.depth import DepthConfig, DepthTask
+    from vpd_ray.tasks.refer import ReferConfig, ReferTask
+    from vpd_ray.tasks.seg import SegConfig, SegTask
+
+    batch, gen = _eval_batch()
+    depth = DepthTask(DepthConfig())
+    truth = torch.rand(2, 1, 32, 40, generator=gen) * 5
+    truth[:, :, :4] = 0  # no measurement
+    panels = depth.example({**batch, "depth": truth}, truth * 1.1, 1)
+    assert [p.title for p in panels] == ["image", "ground truth", "prediction", "|prediction − ground truth|"]
+    assert panels[1].scale == panels[2].scale  # one scale per sample for truth and prediction
+    assert panels[0].pixels.dtype == np.uint8 and panels[0].pixels.shape == (32, 40, 3)
+    np.testing.assert_array_equal(panels[0].pixels, (batch["image"][1].permute(1, 2, 0) * 255).round().byte().numpy())
+
+    seg = SegTask(SegConfig(num_classes=150))
+    label = torch.randint(0, 150, (2, 32, 40), generator=gen)
+    panels = seg.example({**batch, "label": label}, label, 0)
+    assert [p.title for p in panels] == ["image", "ground truth", "prediction"] and panels[2].legend
+
+    refer = ReferTask(ReferConfig(text_encoder="tiny", max_tokens=8))
+    ids = torch.zeros(2, 2, 8, dtype=torch.long)
+    ids[:, 0] = refer.tokenize(["the red cup", "a dog"])
+    mask = (torch.rand(2, 32, 40, generator=gen) > 0.5).long()
+    panels = refer.example({**batch, "mask": mask, "input_ids": ids}, mask[:, None].expand(2, 2, 32, 40), 0)
+    assert [p.title for p in panels] == ["image", "ground truth", "prediction"]
+    assert "red cup" in panels[0].caption
+    for task in (depth, seg, refer):
+        assert vz.render(task.panels(_photo(), np.ones((48, 64), np.uint8), sentence="x")).std() > 10
+
+
+def test_depth_fixed_scale_is_the_models_range():
+    from vpd_ray.tasks.depth import DepthConfig, DepthTask
+
+    panels = DepthTask(DepthConfig(max_depth=10.0)).panels(_photo(), np.full((48, 64), 2.0), fixed_scale=True)
+    assert [p.title for p in panels] == ["image", "prediction"]
+    assert (panels[1].scale.vmin, panels[1].scale.vmax) == (0.0, 10.0)

@@ -94,6 +94,9 @@ class TrainSection:
     log_every: int = 10
     val_every: int = 500
     max_val_batches: Optional[int] = None  # cap on validation batches per worker; None: the whole split
+    # Validation samples drawn into TensorBoard per task at every validation (rank 0's first ones: the
+    # same samples each time, so progress is visible); 0: none
+    log_images: int = 4
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     nan_policy: str = "skip"  # "skip": drop the batch and draw another; "stop": fail naming the step
     max_nan_skips: int = 10  # more skipped batches than this in one run stops it
@@ -129,6 +132,9 @@ class RunSection:
     # "auto": resume the run's latest checkpoint if it has one (a finished run: one line, nothing done);
     # "never": refuse a run name that has checkpoints; "must": refuse one that has none
     resume: str = "auto"
+    # Ray's and Ray Train's own console lines (worker logs, per-checkpoint reports, tracebacks); off,
+    # the console holds the run's progress lines and one line per error, and the rest is in the run's logs
+    verbose: bool = False
 
 
 @dataclasses.dataclass
@@ -302,6 +308,7 @@ def validate(cfg: DictConfig, need: tuple[str, ...] = TRAIN_NEEDS, remote: tuple
     _check_positive("train.val_every", t.val_every)
     _check_positive("train.checkpoint.keep", t.checkpoint.keep)
     _check_positive("train.max_nan_skips", t.max_nan_skips, 0)
+    _check_positive("train.log_images", t.log_images, 0)
     _check_choice("train.schedule.kind", t.schedule.kind, SCHEDULE_KINDS)
     _check_choice("train.nan_policy", t.nan_policy, NAN_POLICIES)
     _check_choice("train.lr_scaling", t.lr_scaling, LR_SCALINGS)

@@ -66,14 +66,6 @@ def depth_range(task: Any) -> float | None:
     return task.cfg.max_depth if task.output_kind == "depth" else None
 
 
-def class_names(task: Any) -> tuple[str, ...]:
-    """Names of a segmentation task's classes where its class set is built in (ADE20K), else none."""
-    from vpd_ray.model.text import CLASS_SETS
-
-    names = CLASS_SETS.get(getattr(task.cfg, "class_set", ""), ())
-    return names if len(names) == getattr(task.cfg, "num_classes", -1) else ()
-
-
 # --- the model ----------------------------------------------------------------------------------
 def model_size(image: np.ndarray, max_side: int | None) -> np.ndarray:
     """The photo downscaled (aspect kept, bilinear) so its longer side is at most ``max_side``."""
@@ -108,26 +100,21 @@ def predict(model: Any, task_name: str, image: np.ndarray, sentence: str | None,
 # --- output -------------------------------------------------------------------------------------
 def show(task: Any, image: np.ndarray, prediction: np.ndarray, sentence: str | None,
          scale: str = SCALE_PHOTO) -> tuple[np.ndarray, str]:
-    """(picture, one-line readout) of a prediction: the photo beside the panel of its ``output_kind``."""
-    if task.output_kind == "depth":
-        return _show_depth(image, prediction, depth_range(task) if scale == SCALE_MODEL else None)
-    if task.output_kind == "mask":
+    """(picture, one-line readout) of a prediction: the task's own panels (``Task.panels``)."""
+    panels = task.panels(image, prediction, sentence=sentence, fixed_scale=scale == SCALE_MODEL)
+    return vz.render(panels), readout(task.output_kind, prediction, panels[-1], sentence)
+
+
+def readout(kind: str, prediction: np.ndarray, panel: Any, sentence: str | None) -> str:
+    """The numbers under the picture, by ``output_kind``: metres, mask share, or the classes present."""
+    if kind == "depth":
+        lo, median, hi = np.percentile(prediction, [0, 50, 100])
+        return (f"Depth: min {lo:.2f} m · median {median:.2f} m · max {hi:.2f} m; colour scale "
+                f"{panel.scale.vmin:.2f}–{panel.scale.vmax:.2f} m.")
+    if kind == "mask":
         share = float((prediction > 0).mean())
-        readout = f"Mask: {share:.1%} of the photo ({int((prediction > 0).sum())} px) for “{sentence}”."
-        return vz.render([vz.image_panel(image, "photo"), vz.refer_panel(image, prediction, sentence)]), readout
-    panel = vz.seg_panel(image, prediction, class_names(task))
-    present = len(np.unique(prediction))
-    readout = f"{present} classes present; largest: {panel.legend[0][0]}."
-    return vz.render([vz.image_panel(image, "photo"), panel]), readout
-
-
-def _show_depth(image: np.ndarray, depth: np.ndarray, max_depth: float | None) -> tuple[np.ndarray, str]:
-    """Depth on the photo's own range, or on ``0..max_depth`` m (the model's range) when given."""
-    panel = vz.depth_panel(depth, "depth", vmin=0.0 if max_depth else None, vmax=max_depth)
-    lo, median, hi = np.percentile(depth, [0, 50, 100])
-    readout = (f"Depth: min {lo:.2f} m · median {median:.2f} m · max {hi:.2f} m; colour scale "
-               f"{panel.scale.vmin:.2f}–{panel.scale.vmax:.2f} m.")
-    return vz.render([vz.image_panel(image, "photo"), panel]), readout
+        return f"Mask: {share:.1%} of the photo ({int((prediction > 0).sum())} px) for “{sentence}”."
+    return f"{len(np.unique(prediction))} classes present; largest: {panel.legend[0][0]}."
 
 
 RAW_SUFFIX = {"depth": "depth_mm", "labels": "labels", "mask": "mask"}  # by output_kind

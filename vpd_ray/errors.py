@@ -41,3 +41,12 @@ def original_message(err: BaseException) -> str:
         return first_line(err)
     last = [line for line in text.strip().splitlines() if line.strip()][-1]
     return last.split(": ", 1)[1] if ": " in last else last
+
+
+def fault_line(err: BaseException) -> str:
+    """One line for a fault: the underlying exception's type and first line. Ray wraps a worker's
+    exception (``RayTaskError``, whose message starts with the actor's name and pid and runs on with
+    the traceback) and keeps the original as ``cause``."""
+    while getattr(err, "cause", None) is not None and err.cause is not err:
+        err = err.cause
+    return f"{type(err).__name__}: {first_line(err)}"

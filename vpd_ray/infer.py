@@ -31,7 +31,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[InferOptions, argparse.Na
     parser.add_argument("--task", help="task to run when the package holds several")
     parser.add_argument("--protocol", action="store_true",
                         help="use the task's test-time protocol (depth: sliding windows + flip) instead of one pass")
-    parser.add_argument("--preview", action="store_true", help="depth: also write a colour-mapped DIR/preview/NAME.jpg")
+    parser.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,
+                        help="also write OUT/preview/NAME.png, the task's picture of each prediction (depth with a "
+                             "colour bar in metres on the model's range, seg with a class legend, refer with its "
+                             "sentence); on by default")
     parser.add_argument("--max-side", type=int, default=1024,
                         help="downscale larger images to this longer side for the model (outputs keep the input size; "
                              "0: never)")

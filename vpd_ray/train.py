@@ -20,7 +20,7 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     from vpd_ray import launch
     from vpd_ray.config import EXIT_CONFIG_ERROR, deferred_checks, load_or_exit
-    from vpd_ray.engine.train_job import fit
+    from vpd_ray.engine.train_job import TrainingFailed, fit
     from vpd_ray.errors import InputError
     from vpd_ray.plan import describe
 
@@ -36,14 +36,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         launch.finish_dry_run(deferred)
     try:
-        result = fit(cfg, deferred)
+        fit(cfg, deferred)
     except InputError as err:  # stopped at once, not retried: the same input fails the same way
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
-    if result is None:  # the run had finished already
-        return
-    if result.error is not None:
-        print(f"training failed: {result.error}", file=sys.stderr)
+    except TrainingFailed as err:  # a fault that outlived run.max_failures restarts
+        print(f"training failed: {err}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -3,7 +3,7 @@ referring overlays, and panels side by side.
 
 Every picture is a list of :class:`Panel` rendered into one figure by :func:`render`, which returns
 an ``HxWx3`` uint8 array (what TensorBoard's ``add_image(..., dataformats="HWC")`` and
-:func:`save_png` take). A panel holds the pixels it shows plus what makes them readable: a colour
+a PNG writer take). A panel holds the pixels it shows plus what makes them readable: a colour
 bar with units, a legend, a caption. Image axes are in pixels, colour bars in metres.
 
 Colours:
@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import io
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -261,12 +260,3 @@ def render(panels: Sequence[Panel], panel_inches: float = 4.0, dpi: int = 100) -
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight", bbox_extra_artists=outside, pad_inches=0.1)
     return np.asarray(Image.open(buffer).convert("RGB"))
-
-
-def save_png(picture: np.ndarray, path: str | Path) -> None:
-    """Write an HxWx3 uint8 picture (from :func:`render`) as a PNG, atomically."""
-    from PIL import Image
-
-    from vpd_ray.inference.writers import atomic_save
-
-    atomic_save(Image.fromarray(picture), Path(path))

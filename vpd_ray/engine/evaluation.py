@@ -66,10 +66,12 @@ def evaluate_task(
     batches: Iterable[Batch],
     device: torch.device,
     limit: int | None = None,
+    on_batch: Callable[[Batch, torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
     """The task's full test protocol over this rank's batches; metrics over all ranks, prefixed ``task/``.
 
-    ``forward(images, batch)`` runs backbone + head (the caller decides engine, dtype and VAE).
+    ``forward(images, batch)`` runs backbone + head (the caller decides engine, dtype and VAE);
+    ``on_batch(batch, prediction)`` sees each scored batch (the trainer draws its pictures there).
     """
     metric, scored = task.metric(), 0
     for batch, counts in lockstep(batches, device, limit):
@@ -77,6 +79,8 @@ def evaluate_task(
         pred = task.predict(forward, batch)
         if counts:
             metric.update(pred.float(), batch)
+            if on_batch is not None:
+                on_batch(batch, pred)
             scored += batch["image"].shape[0]
     state = metric.state()
     metric.load_state(all_reduce_sum(state.to(device)).cpu())

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from vpd_ray.engine import checkpoint as ckpt
+from vpd_ray.engine.console import say
 from vpd_ray.engine.evaluation import evaluate_task
 from vpd_ray.engine.optim import deepspeed_config, lr_factor, param_groups
 from vpd_ray.engine.step import Stepper, float_outputs
@@ -107,6 +108,8 @@ class Trainer:
         self.accum = self.plan.accum
         micro = next(iter(self.plan.micro.values()))
         ds_cfg = deepspeed_config(cfg, micro_batch=micro, grad_accum=self.accum)
+        if self.rank == 0 and _builds_cpu_comm_op():
+            say(loop_config, "building DeepSpeed's CPU shared-memory comm op (once per machine; about 90 s on 2 cores)")
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
         self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
         self.state = RunState(epochs={name: 0 for name in cfg.tasks})
@@ -116,6 +119,8 @@ class Trainer:
                                lr_at=lambda step: lr_factor(step, t.max_steps, t.schedule, t.lr),
                                nan_policy=t.nan_policy, max_nan_skips=t.max_nan_skips)
         self.writer = None
+        self.clock: tuple[float, int] | None = None  # (time, step) where this attempt's steps began: the ETA
+        self.latest: str = ""  # the latest validation's primary metric, for the progress line
         if self.rank == 0:
             log.info(f"[vpd] {self.world} workers: {self.plan.reason}")
 
@@ -140,11 +145,20 @@ class Trainer:
         }
 
     def validate(self) -> dict[str, float]:
+        """Every task's test protocol on its validation split; rank 0 also draws its first
+        ``train.log_images`` samples of each into TensorBoard (the same ones each time)."""
         from vpd_ray.data.pipeline import build_stream
+        from vpd_ray.visualize import render
 
         self.engine.eval()
-        metrics = {}
+        metrics, keep = {}, self.cfg.train.log_images if self.rank == 0 else 0
         for name, task in self.tasks.items():
+            pictures: list[np.ndarray] = []
+
+            def draw(batch: dict[str, Any], pred: torch.Tensor, task: Any = task, pictures: list = pictures) -> None:
+                for i in range(min(batch["image"].shape[0], keep - len(pictures))):
+                    pictures.append(render(task.example(batch, pred, i)))
+
             stream = build_stream(task.cfg.val_shards, task.eval_transform, train=False,
                                   batch_size=task.cfg.eval_batch_size, fields=task.fields,
                                   num_workers=self.cfg.data.num_workers, max_corrupt=self.cfg.data.max_corrupt)
@@ -153,9 +167,24 @@ class Trainer:
                 return float_outputs(self.forward(name, {**batch, "image": images}))
 
             with torch.no_grad():
-                metrics.update(evaluate_task(task, forward, stream, self.device, self.cfg.train.max_val_batches))
+                metrics.update(evaluate_task(task, forward, stream, self.device, self.cfg.train.max_val_batches,
+                                             on_batch=draw if keep else None))
+            for i, picture in enumerate(pictures):
+                self.tensorboard().add_image(f"{name}/val_{i}", picture, self.state.step, dataformats="HWC")
         self.engine.train()
         return metrics
+
+    def _show_validation(self, step: int, metrics: dict[str, float], seconds: float) -> None:
+        """One console line per validation (the paper's columns) and every metric in TensorBoard (``val/``)."""
+        primary = [f"{task.name}/{task.primary_metric}" for task in self.tasks.values()]
+        self.latest = ", ".join(f"{k} {metrics[k]:.4g}" for k in primary if k in metrics) + f" at step {step}"
+        row = [f"{task.name}/{key}" for task in self.tasks.values() for key, _ in task.paper_row]  # the seed table's
+        shown = " · ".join(f"{k} {metrics[k]:.4g}" for k in row if k in metrics)
+        counts = ", ".join(f"{k.split('/')[0]} {int(v)}" for k, v in metrics.items() if k.endswith("/samples"))
+        say(self.extra, f"step {step} validation: {shown} ({counts} samples, {seconds:.0f} s)")
+        for key, value in metrics.items():
+            self.tensorboard().add_scalar(f"val/{key}", value, step)
+        self.tensorboard().flush()
 
     def save_and_report(self, metrics: dict[str, float]) -> None:
         """DeepSpeed shards (every rank, its own temp dir) + rank-0 files, barrier, same dir reported by all."""
@@ -215,11 +244,15 @@ class Trainer:
         if self.rank == 0:
             how = "" if same else (f" on {self.world} workers (saved by {self.resume.world_size}): consolidated "
                                    "weights, fresh optimizer state (AdamW moments reset)")
-            self._event(f"resuming from checkpoint {self.resume.path} at step {self.state.step}{how}")
+            self._event(f"resuming from checkpoint {self.resume.path} at step {self.state.step}{how}", console=True)
 
-    def _event(self, line: str) -> None:
-        """Rank 0: print, and append to ``<run dir>/events.log`` (restarts and resumes stay on record)."""
-        log.info(f"[vpd] {line}")
+    def _event(self, line: str, console: bool = False) -> None:
+        """Rank 0: append to ``<run dir>/events.log`` (restarts, resumes, checkpoints stay on record);
+        ``console``: say it too (a resume), else only the worker's log has it."""
+        if console:
+            say(self.extra, line)
+        else:
+            log.info(f"[vpd] {line}")
         append_event(self.run_dir, line)
 
     def _maybe_fail(self, step: int) -> None:
@@ -233,21 +266,30 @@ class Trainer:
         log.warning(f"[vpd] fault injection: rank {self.rank} exits at step {step}")
         os._exit(1)
 
+    def tensorboard(self) -> Any:
+        """Rank 0's SummaryWriter on ``<run dir>/tensorboard`` (made on first use)."""
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+        return self.writer
+
     def _log(self, step: int, loss: float, seconds: float, samples: int) -> None:
-        """Mean loss over ranks; rank 0 prints and writes TensorBoard (``<run dir>/tensorboard``)."""
+        """Mean loss over ranks; rank 0 says the progress line and writes TensorBoard scalars."""
         mean = _all_reduce(torch.tensor([loss], device=self.device)).item() / self.world
         if self.rank != 0:
             return
         lr = max(g["lr"] for g in self.optimizer.param_groups)
         rate = samples / max(seconds, 1e-9)
-        log.info(f"[vpd] step {step}/{self.cfg.train.max_steps} loss {mean:.4f} lr {lr:.3g} samples/s {rate:.2f}")
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+        total = self.cfg.train.max_steps
+        began, first = self.clock
+        eta = (time.perf_counter() - began) / max(step - first, 1) * (total - step)
+        say(self.extra, f"step {step}/{total} · loss {mean:.4f} · lr {lr:.3g} · {rate:.2f} samples/s · "
+                        f"ETA {_minutes(eta)}" + (f" · {self.latest}" if self.latest else ""))
+        writer = self.tensorboard()
         for key, value in (("train/loss", mean), ("train/lr", lr), ("train/samples_per_s", rate)):
-            self.writer.add_scalar(key, value, step)
-        self.writer.flush()
+            writer.add_scalar(key, value, step)
+        writer.flush()
 
     # --- the run ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -257,6 +299,7 @@ class Trainer:
         iters = {name: iter(stream) for name, stream in streams.items()}
         per_step = self.plan.global_batch
         tick, losses = time.perf_counter(), []
+        self.clock = (tick, self.state.step)
         while self.state.step < t.max_steps:
             losses.append(self.stepper.step(self.state.step, iters))
             self.state.step += 1
@@ -267,9 +310,10 @@ class Trainer:
                 self._log(step, float(np.mean(losses)), time.perf_counter() - tick, per_step * len(losses))
                 tick, losses = time.perf_counter(), []
             if step % t.val_every == 0 or step == t.max_steps:
+                began = time.perf_counter()
                 metrics = self.validate()
                 if self.rank == 0:
-                    log.info(f"[vpd] step {step} validation " + json.dumps(metrics))
+                    self._show_validation(step, metrics, time.perf_counter() - began)
                 self.save_and_report(metrics)
                 tick = time.perf_counter()
             elif t.checkpoint.weights_every and step % t.checkpoint.weights_every == 0:
@@ -317,6 +361,27 @@ def _latest_checkpoint() -> ResumePoint | None:
         meta = json.loads(f.read())
     meta.setdefault("world_size", ray.train.get_context().get_world_size())  # written before it was recorded
     return ResumePoint(checkpoint.path, checkpoint, meta)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def _builds_cpu_comm_op() -> bool:
+    """Whether DeepSpeed is about to JIT-build its CPU shared-memory comm op (on the CPU accelerator,
+    when the op is compatible and not in torch's extension cache yet): a silent minute and more."""
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+        from torch.utils.cpp_extension import _get_build_directory
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            return False
+        built = os.path.join(_get_build_directory(builder.NAME, verbose=False), f"{builder.NAME}.so")
+        return not os.path.exists(built)
+    except Exception:  # an announcement only: never a reason to fail
+        return False
 
 
 def append_event(run_dir: str, line: str) -> None:

@@ -92,6 +92,10 @@ def check_resume(cfg: DictConfig) -> tuple[int, str] | None:
     return latest
 
 
+class TrainingFailed(Exception):
+    """Training failed after Ray Train's restarts; the message is one line, the traceback in errors.log."""
+
+
 def fit(cfg: DictConfig, deferred: list | None = None, callbacks: Sequence[Any] = ()) -> Any:
     """Train (or resume) the run of a validated config; returns the Ray Train ``Result``, or None when
     the run had finished already (one line says so: nothing is started or written).
@@ -99,14 +103,19 @@ def fit(cfg: DictConfig, deferred: list | None = None, callbacks: Sequence[Any] 
     ``deferred``: path checks left for a worker node (:func:`vpd_ray.config.deferred_checks`), run
     once Ray is up and before anything is written. An input error on the workers (corrupt data over
     the limit, a forbidden field, a non-finite loss under nan_policy stop) stops the run at once,
-    without Ray Train's retries, and is raised here as :class:`~vpd_ray.errors.InputError`.
+    without Ray Train's retries, and is raised here as :class:`~vpd_ray.errors.InputError`. A run
+    that fails after its restarts raises :class:`TrainingFailed`. The console: :mod:`vpd_ray.engine.console`.
     """
+    import time
+
     import ray
+    import ray.train
 
     from vpd_ray.config import local_run_dir, to_yaml
+    from vpd_ray.engine import console as run_console
     from vpd_ray.engine import input_errors
     from vpd_ray.engine.loop import append_event
-    from vpd_ray.errors import InputError
+    from vpd_ray.errors import InputError, fault_line
     from vpd_ray.preflight import check_remote_paths
 
     latest = check_resume(cfg)
@@ -116,7 +125,7 @@ def fit(cfg: DictConfig, deferred: list | None = None, callbacks: Sequence[Any] 
               f"{os.path.join(run_dir, 'package')}. Nothing to do (raise train.max_steps to train on)", flush=True)
         return None
     if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS / a running cluster, else a local one
+        ray.init(log_to_driver=cfg.run.verbose)  # RAY_ADDRESS / a running cluster, else a local one
     check_remote_paths(cfg, deferred or [])
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
@@ -124,16 +133,47 @@ def fit(cfg: DictConfig, deferred: list | None = None, callbacks: Sequence[Any] 
     extra = {}
     if os.environ.get(FAIL_ENV):
         extra["fail_once_at_step"] = int(os.environ[FAIL_ENV])
-    try:
-        result = input_errors.fit(lambda box: build_trainer(cfg, {**extra, **box}, callbacks))
-    except InputError as err:
-        append_event(run_dir, f"stopped, not retried: {err}")
-        raise
+    start = time.perf_counter()
+    with run_console.Console(run_dir) as console:
+        extra[run_console.KEY] = console.handle
+        every = [*callbacks, run_console.fault_lines(console.handle, cfg.run.max_failures)]
+        try:
+            result = input_errors.fit(lambda box: build_trainer(cfg, {**extra, **box}, every))
+        except InputError as err:
+            append_event(run_dir, f"stopped, not retried: {err}")
+            raise
+        except ray.train.TrainingFailedError as err:
+            console.record(run_console.traceback_of(err))
+            failures = getattr(err, "worker_failures", None) or {}
+            what = "; ".join(f"rank {r}: {fault_line(e)}" for r, e in sorted(failures.items())) or fault_line(err)
+            append_event(run_dir, f"failed: {what}")
+            raise TrainingFailed(f"{what} (after run.max_failures={cfg.run.max_failures} restarts; "
+                                 f"traceback: {console.errors})") from None
+    package = None
     if cfg.run.export:
+        import torch
+
         from vpd_ray.engine.checkpoint import export_checkpoint
+
+        if not torch.cuda.is_available():  # the consolidation is CPU work: no "Setting accelerator to CPU" notice
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
         checkpoint = best_checkpoint(result, cfg)
         with checkpoint.as_directory() as directory:  # a local copy if the storage is remote
-            out = export_checkpoint(directory, os.path.join(run_dir, "package"))
-        print(f"[vpd] model package: {out} (from {checkpoint.path})", flush=True)
+            package = export_checkpoint(directory, os.path.join(run_dir, "package"))
+    print(summary(result, cfg, time.perf_counter() - start, package), flush=True)
     return result
+
+
+def summary(result: Any, cfg: DictConfig, seconds: float, package: str | None) -> str:
+    """The run's last line: steps, time, the best validation metric and its step, the package."""
+    from vpd_ray.config import task_metric
+
+    metric, mode = task_metric(cfg)
+    scored = [m for _, m in (result.best_checkpoints or []) if metric in m]
+    best = (min if mode == "min" else max)(scored, key=lambda m: m[metric]) if scored else None
+    parts = [f"[vpd] done: step {(result.metrics or {}).get('step', '?')}/{cfg.train.max_steps} in {seconds / 60:.1f} min"]
+    if best is not None:
+        parts.append(f"best {metric} {best[metric]:.4g} at step {best.get('step', '?')}")
+    parts.append(f"model package: {package}" if package else f"run: {cfg.run.storage_path}/{cfg.run.name}")
+    return " · ".join(parts)

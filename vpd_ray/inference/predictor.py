@@ -103,11 +103,13 @@ class Predictor:
                 continue
             todo.append((source, name, image, inputs))
         predictions = self.predict([t[2] for t in todo], [t[3] for t in todo])
-        for (source, name, *_), prediction in zip(todo, predictions):
+        for (source, name, image, inputs), prediction in zip(todo, predictions):
             if isinstance(prediction, str):
                 statuses.append((source, name, FAILED, prediction))
                 continue
             self._write(name, prediction)
+            if self.preview:
+                self._write_preview(name, image, prediction, inputs.get("sentence"))
             statuses.append((source, name, WRITTEN, ""))
         columns = list(zip(*statuses)) if statuses else [(), (), (), ()]
         keys = ("source", "name", "status", "error")
@@ -136,8 +138,17 @@ class Predictor:
     def _write(self, name: str, prediction: np.ndarray) -> None:
         """The writer of the task's ``output_kind`` (depth: 16-bit mm PNG; labels, masks: index PNGs)."""
         writers.write_output(self.task.output_kind, sources.output_path(self.output_dir, name), prediction)
-        if self.preview and self.task.output_kind == "depth":
-            writers.write_depth_preview(self.output_dir / "preview" / f"{name}.jpg", prediction)
+
+    def _write_preview(self, name: str, image: np.ndarray, prediction: np.ndarray, sentence: str | None) -> None:
+        """``OUT/preview/NAME.png``: the task's picture of the prediction (depth on the model's fixed
+        0..max_depth m scale with its colour bar, so previews of one folder compare; seg with a class
+        legend; refer with the sentence). An existing preview is kept, as existing outputs are."""
+        from vpd_ray.visualize import render
+
+        path = preview_path(self.output_dir, name)
+        if not path.exists():
+            panels = self.task.panels(image, prediction, sentence=sentence, fixed_scale=True)
+            writers.write_preview(path, render(panels))
 
     # --- the model ----------------------------------------------------------------------------
     def predict(self, images: list[np.ndarray], inputs: list[dict[str, Any]] | None = None) -> list[np.ndarray | str]:
@@ -192,3 +203,7 @@ def to_map(output: Any, size: tuple[int, int]) -> np.ndarray:
     if tuple(labels.shape) != tuple(size):
         labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0]
     return labels.to(torch.uint8).cpu().numpy()
+
+
+def preview_path(output_dir: Path, name: str) -> Path:
+    return Path(output_dir) / "preview" / f"{name}.png"

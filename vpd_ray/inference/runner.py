@@ -33,7 +33,7 @@ class InferOptions:
     output: str
     task: str | None = None
     protocol: bool = False
-    preview: bool = False
+    preview: bool = True  # OUT/preview/NAME.png beside each output
     max_side: int | None = 1024
     batch_size: int = 4
     concurrency: int | None = None  # actors; default: one per GPU, else one

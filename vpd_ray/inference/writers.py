@@ -51,17 +51,9 @@ def write_depth_png(path: Path, depth_m: np.ndarray) -> None:
     atomic_save(Image.fromarray(depth_to_mm(depth_m)), path)
 
 
-def depth_preview(depth_m: np.ndarray, cmap: str = "magma_r") -> np.ndarray:
-    """A colour-mapped uint8 HxWx3 view of a depth map, normalised per image (near = bright)."""
-    from matplotlib import colormaps  # only previews need matplotlib
-
-    lo, hi = float(depth_m.min()), float(depth_m.max())
-    norm = (depth_m - lo) / max(hi - lo, 1e-6)
-    return (colormaps[cmap](norm)[..., :3] * 255).astype(np.uint8)
-
-
-def write_depth_preview(path: Path, depth_m: np.ndarray) -> None:
-    atomic_save(Image.fromarray(depth_preview(depth_m)), path)
+def write_preview(path: Path, picture: np.ndarray) -> None:
+    """A rendered picture (uint8 HxWx3, :func:`vpd_ray.visualize.render`) as a PNG."""
+    atomic_save(Image.fromarray(picture), path)
 
 
 def index_palette(num_colors: int = 256) -> np.ndarray:

@@ -15,12 +15,16 @@ accumulation equals single-process accumulation.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from vpd_ray.contracts import Batch, Metric, Sample
+
+if TYPE_CHECKING:
+    from vpd_ray.visualize import Panel
 
 
 @dataclasses.dataclass
@@ -126,3 +130,22 @@ class Task:
         A missing input the task needs is a ValueError naming it.
         """
         raise NotImplementedError
+
+    # --- pictures -------------------------------------------------------------------------------
+    def panels(self, image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None = None,
+               sentence: str | None = None, fixed_scale: bool = False) -> list[Panel]:
+        """The picture of one prediction, panel by panel (:mod:`vpd_ray.visualize`): the image, the
+        ground truth when there is one, the prediction, and what compares them. ``image`` HxWx3 uint8,
+        the maps HxW at its size (as ``to_map`` returns them); ``fixed_scale``: the model's whole
+        output range instead of this sample's. TensorBoard, inference previews and the demo draw this."""
+        raise NotImplementedError
+
+    def example(self, batch: Batch, prediction: torch.Tensor, index: int) -> list[Panel]:
+        """:meth:`panels` of sample ``index`` of an evaluation batch and its :meth:`predict` output."""
+        raise NotImplementedError
+
+
+def image_of(batch: Batch, index: int) -> np.ndarray:
+    """Sample ``index`` of a batch's ``image`` ``[B,3,H,W]`` in [0,1] as HxWx3 uint8."""
+    pixels = batch["image"][index].detach().float().clamp(0, 1).mul(255).round().byte()
+    return pixels.permute(1, 2, 0).cpu().numpy()

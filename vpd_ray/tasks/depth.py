@@ -11,7 +11,7 @@ import torch
 from vpd_ray.metrics.depth import DepthMetric
 from vpd_ray.tasks import register_task
 from vpd_ray.contracts import Batch, Sample
-from vpd_ray.tasks.base import Task, TaskConfig, check_hw
+from vpd_ray.tasks.base import Task, TaskConfig, check_hw, image_of
 
 
 @dataclasses.dataclass
@@ -155,6 +155,29 @@ class DepthTask(Task):
         the mean class embedding, VPD.md's default for photos of unknown scenes."""
         ids = torch.stack([self._class_id(item) for item in inputs]).to(pixels.device)
         return {"image": pixels, "class_id": ids}
+
+    # --- pictures -------------------------------------------------------------------------------
+    def panels(self, image: Any, prediction: Any, truth: Any = None, sentence: str | None = None,
+               fixed_scale: bool = False) -> list[Any]:
+        """image | ground truth | prediction | error, ground truth and prediction on one scale: 0 to
+        ``max_depth`` m when ``fixed_scale``, else the ground truth's valid range (the prediction's
+        without one), so the two read the same colour for the same depth."""
+        from vpd_ray import visualize as vz
+
+        reference = prediction if truth is None else truth
+        lo, hi = (0.0, self.cfg.max_depth) if fixed_scale else vz.value_range(reference, reference > 0)
+        panels = [vz.image_panel(image)]
+        if truth is not None:
+            panels.append(vz.depth_panel(truth, "ground truth", lo, hi))
+        panels.append(vz.depth_panel(prediction, "prediction", lo, hi))
+        if truth is not None:
+            panels.append(vz.error_panel(prediction, truth))
+        return panels
+
+    def example(self, batch: Batch, prediction: torch.Tensor, index: int) -> list[Any]:
+        """``prediction`` and ``batch["depth"]``: ``[B,1,H,W]`` metres."""
+        return self.panels(image_of(batch, index), prediction[index, 0].float().cpu().numpy(),
+                           batch["depth"][index, 0].float().cpu().numpy())
 
     def _class_id(self, sample: Sample) -> torch.Tensor:
         """``meta["class_id"]``, else the index of ``meta["scene"]`` in the class set, else -1 (unknown)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +23,7 @@ from vpd_ray.errors import first_line
 from vpd_ray.metrics.refer import PRECISION_THRESHOLDS, ReferMetric
 from vpd_ray.tasks import register_task
 from vpd_ray.contracts import Batch, Sample
-from vpd_ray.tasks.base import Task, TaskConfig
+from vpd_ray.tasks.base import Task, TaskConfig, image_of
 
 TINY = "tiny"
 
@@ -156,6 +157,23 @@ class ReferTask(Task):
 
     def metric(self) -> ReferMetric:
         return ReferMetric()
+
+    # --- pictures -------------------------------------------------------------------------------
+    def panels(self, image: Any, prediction: Any, truth: Any = None, sentence: str | None = None,
+               fixed_scale: bool = False) -> list[Any]:
+        """image captioned with the sentence | ground-truth mask | predicted mask."""
+        from vpd_ray import visualize as vz
+
+        panels = [vz.Panel("image", np.asarray(image, dtype=np.uint8), caption=f"“{sentence}”")]
+        if truth is not None:
+            panels.append(vz.refer_panel(image, truth, sentence, "ground truth"))
+        return panels + [vz.refer_panel(image, prediction, sentence, "prediction")]
+
+    def example(self, batch: Batch, prediction: torch.Tensor, index: int) -> list[Any]:
+        """The first sentence of the ref: ``prediction`` ``[B,S,H,W]``, ``batch["mask"]`` ``[B,H,W]``."""
+        sentence = self.tokenizer.decode(batch["input_ids"][index, 0].tolist(), skip_special_tokens=True)
+        return self.panels(image_of(batch, index), prediction[index, 0].cpu().numpy().astype(np.uint8),
+                           batch["mask"][index].cpu().numpy().astype(np.uint8), sentence)
 
     # --- data side --------------------------------------------------------------------------
     def _resized(self, sample: Sample) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from vpd_ray.metrics.seg import SegMetric
 from vpd_ray.tasks import register_task
 from vpd_ray.contracts import Batch, Sample
-from vpd_ray.tasks.base import Task, TaskConfig, check_hw
+from vpd_ray.tasks.base import Task, TaskConfig, check_hw, image_of
 
 TEST_MODES = ("whole", "slide")
 
@@ -182,6 +182,24 @@ class SegTask(Task):
 
         names = CLASS_SETS.get(self.cfg.class_set, ())
         return list(names) if len(names) == self.cfg.num_classes else None
+
+    # --- pictures -------------------------------------------------------------------------------
+    def panels(self, image: Any, prediction: Any, truth: Any = None, sentence: str | None = None,
+               fixed_scale: bool = False) -> list[Any]:
+        """image | ground truth | prediction, class colours (the ADE20K palette) over the image, each
+        with a legend of the classes it shows."""
+        from vpd_ray import visualize as vz
+
+        names = self._class_names() or ()
+        panels = [vz.image_panel(image)]
+        if truth is not None:
+            panels.append(vz.seg_panel(image, truth, names, "ground truth"))
+        return panels + [vz.seg_panel(image, prediction, names, "prediction")]
+
+    def example(self, batch: Batch, prediction: torch.Tensor, index: int) -> list[Any]:
+        """``prediction`` and ``batch["label"]``: ``[B,H,W]`` class ids (255 ignored)."""
+        as_ids = lambda t: t[index].cpu().numpy().astype(np.uint8)  # noqa: E731  (ids < 256)
+        return self.panels(image_of(batch, index), as_ids(prediction), as_ids(batch["label"]))
 
     # --- data side --------------------------------------------------------------------------
     def _label(self, sample: Sample) -> np.ndarray:

@@ -1,0 +1,121 @@
+"""The run's console on the driver: a few lines a user reads, not Ray's and DeepSpeed's start-up chatter.
+
+Unless ``run.verbose`` is on, the driver connects with ``log_to_driver=False``: worker output
+(DeepSpeed's banners, warnings, Ray Train's per-report lines, tracebacks) stays in Ray's log files.
+What the user reads comes through one small actor instead:
+
+- rank 0 puts its progress line per ``train.log_every``, one line per validation, and resumes;
+- a Ray Train callback on the controller puts one line per worker fault, with its traceback, which
+  the driver appends to ``<run dir>/errors.log`` rather than printing.
+
+A driver thread prints the lines as they arrive. Where there is no console (a Tune trial, a test
+calling the loop directly), :func:`say` logs through the worker's logger as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+from typing import Any
+
+from vpd_ray.errors import fault_line
+
+log = logging.getLogger(__name__)
+
+KEY = "console"  # the actor handle's key in train_loop_config
+ERRORS = "errors.log"
+POLL_S = 0.5
+
+
+class Lines:
+    """The actor: lines and fault tracebacks in arrival order, taken by the driver's thread."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str | None]] = []
+
+    def put(self, line: str, detail: str | None = None) -> None:
+        self.items.append((line, detail))
+
+    def take(self) -> list[tuple[str, str | None]]:
+        items, self.items = self.items, []
+        return items
+
+
+def say(loop_config: dict[str, Any], line: str) -> None:
+    """A worker's console line (rank 0's progress, validation, resume): to the driver's console when the
+    run has one (fire and forget: a training step never waits on it), else to the worker's log."""
+    handle = loop_config.get(KEY)
+    if handle is None:
+        log.info(f"[vpd] {line}")
+    else:
+        handle.put.remote(f"[vpd] {line}")
+
+
+class Console:
+    """Driver side, around ``fit``: ``with Console(run_dir) as console: ... {KEY: console.handle}``."""
+
+    def __init__(self, run_dir: str):
+        self.errors = os.path.join(run_dir, ERRORS)
+        self.handle: Any = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name="vpd-console", daemon=True)
+
+    def __enter__(self) -> "Console":
+        import ray
+
+        self.handle = ray.remote(num_cpus=0)(Lines).remote()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import ray
+
+        self._stop.set()
+        self._thread.join()
+        self._print(ray.get(self.handle.take.remote()))
+        ray.kill(self.handle)
+
+    def _pump(self) -> None:
+        import ray
+
+        while not self._stop.wait(POLL_S):
+            self._print(ray.get(self.handle.take.remote()))
+
+    def _print(self, items: list[tuple[str, str | None]]) -> None:
+        for line, detail in items:
+            if detail is not None:
+                self.record(detail)
+                line = f"{line} (traceback: {self.errors})"
+            print(line, flush=True)
+
+    def record(self, text: str) -> None:
+        """Append a traceback (or any long text) to ``<run dir>/errors.log``, timestamped."""
+        os.makedirs(os.path.dirname(self.errors), exist_ok=True)
+        with open(self.errors, "a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')}\n{text.rstrip()}\n")
+
+
+def traceback_of(error: BaseException) -> str:
+    return "".join(traceback.format_exception(error))
+
+
+def fault_lines(handle: Any, max_failures: int) -> Any:
+    """The Ray Train callback (it runs on the controller) that puts one console line per failed worker."""
+    from ray.train import UserCallback
+
+    class FaultLines(UserCallback):
+        failures = 0
+
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            self.failures += 1
+            left = max_failures - self.failures
+            then = (f"Ray Train restarts the workers from the latest checkpoint ({left} more restarts allowed by "
+                    f"run.max_failures={max_failures})" if left >= 0 or max_failures < 0 else "no restarts left")
+            for rank, error in sorted(worker_exceptions.items()):
+                handle.put.remote(f"[vpd] fault on worker rank {rank}: {fault_line(error)}; {then}",
+                                  traceback_of(error))
+
+    return FaultLines()
