@@ -15,6 +15,7 @@ import torch
 
 from vpd_ray.config import load
 from vpd_ray.engine.evaluation import evaluate_task
+from vpd_ray.engine.console import ERRORS
 from vpd_ray.engine.loop import EVENTS, FAULT_MARKER
 from vpd_ray.package import load_package
 
@@ -78,6 +79,10 @@ def test_fault_resumes_from_latest_checkpoint(sample_run):
     expected = os.path.join(run_dir, f"checkpoint_{FAIL_AT // VAL_EVERY * VAL_EVERY:08d}")
     assert f"resuming from checkpoint {expected} at step {FAIL_AT // VAL_EVERY * VAL_EVERY}" in events
     assert result.metrics["step"] == MAX_STEPS
+    with open(os.path.join(run_dir, ERRORS)) as f:  # the fault's traceback, kept off the console
+        errors = f.read()
+    print(errors[:3000])
+    assert errors.startswith("--- ") and "Error" in errors
     assert len(result.best_checkpoints) <= 2  # train.checkpoint.keep (Ray deletes the others' dirs lazily)
 
 
@@ -255,7 +260,7 @@ def test_cli_console_is_one_line_per_log_step_and_validation(ray_cluster, tmp_pa
     everything = proc.stdout + proc.stderr
     for noise in ("RayTrainWorker", "TrainController", "Traceback", "TrainingReport", "FutureWarning"):
         assert noise not in everything, everything[-3000:]
-    assert len(proc.stderr.splitlines()) <= 3, proc.stderr  # Ray's connect line and its auth notice
+    assert len(proc.stderr.splitlines()) <= 3, proc.stderr  # Ray's lines on connecting to the cluster
 
 
 def test_paths_only_the_workers_see_are_checked_on_a_worker(ray_cluster, tmp_path, monkeypatch):

@@ -210,7 +210,7 @@ def write_shards(items: list[SourceItem], out_dir: str, prefix: str, *, max_coun
                  max_bytes: int = 1 << 30, workers: int = 1, max_missing: float = 0.01,
                  info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Convert ``items`` into shards under ``out_dir``; returns the manifest (also written as JSON)."""
-    from tqdm import tqdm
+    from vpd_ray.progress import progress
 
     if not items:
         raise ConversionError(f"nothing to convert for {prefix}: the source list is empty")
@@ -233,7 +233,7 @@ def write_shards(items: list[SourceItem], out_dir: str, prefix: str, *, max_coun
     manifest_file = manifest_path(out_dir, prefix)
     _write_json(manifest_file, _manifest(list(records.values()), prefix, info, options, failure=IN_PROGRESS))
     done = sum(len(group) for path, group in zip(paths, plan) if path in records)
-    with tqdm(total=len(items), initial=done, unit="sample", desc=prefix, smoothing=0.1) as bar:
+    with progress(len(items), prefix, unit="sample", initial=done) as bar:
         for path, record in _run_jobs(todo, workers):
             records[path] = record
             bar.update(record["count"] + len(record["missing"]))

@@ -140,12 +140,17 @@ def _zero12_fp32(directory: str) -> dict[str, Any]:
     is its ranks' ``single_partition_of_fp32_groups`` end to end, the params in ``param_shapes``
     order, each followed by its alignment padding, the total padded to a multiple of 2 x world.
     """
-    from deepspeed.utils.zero_to_fp32 import get_optim_files, parse_optim_states
+    from unittest import mock
+
+    import deepspeed.utils.zero_to_fp32 as zero_to_fp32
 
     ds_dir = os.path.join(directory, TAG)
     states = torch.load(os.path.join(ds_dir, "mp_rank_00_model_states.pt"), map_location="cpu", mmap=True,
                         weights_only=False)
-    _, world, flat_groups, paddings = parse_optim_states(get_optim_files(ds_dir), ds_dir)
+    # Without its per-file tqdm bar ("Loading checkpoint shards"): the export at the end of a run would
+    # put it on the console after the summary, and the files load in a blink (mmapped).
+    with mock.patch.object(zero_to_fp32, "tqdm", lambda files, **_: files):
+        _, world, flat_groups, paddings = zero_to_fp32.parse_optim_states(zero_to_fp32.get_optim_files(ds_dir), ds_dir)
     state = {k: v for k, v in states["module"].items() if k in states["buffer_names"]}
     state.update({k: states["frozen_param_fragments"][k] for k in states.get("frozen_param_shapes") or {}})
     for group, shapes in enumerate(states["param_shapes"]):

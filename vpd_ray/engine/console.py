@@ -112,8 +112,9 @@ def fault_lines(handle: Any, max_failures: int) -> Any:
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
             self.failures += 1
             left = max_failures - self.failures
-            then = (f"Ray Train restarts the workers from the latest checkpoint ({left} more restarts allowed by "
-                    f"run.max_failures={max_failures})" if left >= 0 or max_failures < 0 else "no restarts left")
+            then = (f"Ray Train restarts the workers from the latest checkpoint (restarts left after this one: "
+                    f"{left} of run.max_failures={max_failures})" if left >= 0 or max_failures < 0 else
+                    f"no restarts left (run.max_failures={max_failures})")
             for rank, error in sorted(worker_exceptions.items()):
                 handle.put.remote(f"[vpd] fault on worker rank {rank}: {fault_line(error)}; {then}",
                                   traceback_of(error))

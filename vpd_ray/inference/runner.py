@@ -72,31 +72,33 @@ class InferSummary:
 
 
 class Progress:
-    """Counts status rows, prints a throughput line at most every ``every_s`` seconds and says
-    when the job must stop (:attr:`stop`)."""
+    """Counts status rows, shows them (a bar on a terminal, a line every ``every_s`` seconds
+    otherwise: :mod:`vpd_ray.progress`) and says when the job must stop (:attr:`stop`)."""
 
     def __init__(self, total: int, skipped: int, stream: TextIO = sys.stderr, every_s: float = 5.0,
                  max_failed: int | None = None):
-        self.total, self.stream, self.every_s, self.max_failed = total, stream, every_s, max_failed
+        from vpd_ray.progress import progress
+
+        self.total, self.max_failed = total, max_failed
         self.counts = {WRITTEN: 0, SKIPPED: skipped, FAILED: 0}
         self.failures: list[dict[str, str]] = []
         self.refusal = ""  # the first refused shard's error
-        self.start = self.last = time.perf_counter()
+        self.start = time.perf_counter()
+        # shard samples are only counted as they stream: no total then
+        self.bar = progress(total or None, "infer", unit="image", initial=skipped, stream=stream, every_s=every_s)
 
     def update(self, rows: dict[str, Any]) -> None:
+        done = 0
         for source, status, error in zip(rows["source"], rows["status"], rows["error"]):
             if status == REFUSED:
                 self.refusal = self.refusal or str(error)
                 continue
             self.counts[status] += 1
+            done += 1
             if status == FAILED:
                 self.failures.append({"input": str(source), "error": str(error)})
-        now = time.perf_counter()
-        if now - self.last >= self.every_s:
-            self.last = now
-            total = self.total or "?"  # shard samples are only counted as they stream
-            print(f"infer: {sum(self.counts.values())}/{total} done, {self.counts[FAILED]} failed, "
-                  f"{self.counts[WRITTEN] / (now - self.start):.2f} images/s", file=self.stream, flush=True)
+        self.bar.set_postfix_str(f"{self.counts[FAILED]} failed")
+        self.bar.update(done)
 
     @property
     def stop(self) -> str:
@@ -110,6 +112,7 @@ class Progress:
         return f"{failed} failed, more than --max-failed {self.max_failed}; last: {last['input']}: {last['error']}"
 
     def summary(self) -> InferSummary:
+        self.bar.close()
         return InferSummary(self.total, self.counts[WRITTEN], self.counts[SKIPPED], self.counts[FAILED],
                             time.perf_counter() - self.start, self.failures, self.stop)
 

@@ -118,14 +118,19 @@ def compute_class_embeddings(
     """
     clip = _as_clip(clip)
     names = list(names)
+    bar = None
     if progress:
-        from tqdm import tqdm
+        from vpd_ray.progress import progress as progress_bar
 
-        names = tqdm(names, desc="class embeddings", unit="class")
+        bar = progress_bar(len(names), "class embeddings", unit="class")
     vectors = []
     for name in names:
         out = clip.encode([t.format(name.replace("_", " ")) for t in templates], CLASS_MAX_LENGTH)
         vectors.append(out.pooler_output.float().mean(dim=0))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return torch.stack(vectors).cpu()
 
 
