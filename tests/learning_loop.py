@@ -68,7 +68,7 @@ def train(model, steps: int, lr: float, batch_size: int = 4, unet_lr_mult: float
                       model.backbone.encode, accum=accum, seed=seed)
     model.train()
     with one_thread():
-        return [stepper.step(step, iters) for step in range(steps)]
+        return [float(stepper.step(step, iters)) for step in range(steps)]
 
 
 @torch.no_grad()

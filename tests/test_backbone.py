@@ -142,8 +142,6 @@ def test_text_adapter_and_class_embeddings():
     table = ClassEmbeddings(vectors)
     out = table(torch.tensor([2, -1]))
     torch.testing.assert_close(out, torch.stack([vectors[2], vectors.mean(0)]))
-    with pytest.raises(ValueError, match=r"class ids \[4\] outside -1..3"):
-        table(torch.tensor([0, 4]))
 
 
 def test_from_pretrained_folder_loads_its_weights(tiny_sd_dir, tiny_backbone_config):

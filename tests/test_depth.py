@@ -62,8 +62,20 @@ def test_silog_loss_hand_computed():
     mean_sq, mean = sum(x * x for x in d) / 3, sum(d) / 3
     expected = math.sqrt(mean_sq - 0.5 * mean * mean)
     assert silog_loss(pred, gt).item() == pytest.approx(expected, rel=1e-6)
-    with pytest.raises(ValueError, match="without any valid depth"):
-        silog_loss(pred, torch.zeros(4))
+    assert torch.isnan(silog_loss(pred, torch.zeros(4)))  # no valid depth: the finite-loss check's case
+    boolean = torch.log(gt[gt > 0]) - torch.log(pred[gt > 0])  # the boolean-indexing form it replaces
+    manual = torch.sqrt((boolean**2).mean() - 0.5 * boolean.mean() ** 2)
+    torch.testing.assert_close(silog_loss(pred, gt), manual)
+    leaf = pred.clone().requires_grad_()
+    silog_loss(leaf, gt).backward()
+    assert torch.isfinite(leaf.grad).all() and leaf.grad[3] == 0  # no gradient where gt is missing
+
+
+def test_class_ids_are_checked_in_the_transform():
+    task = DepthTask(DepthConfig())
+    assert task._class_id({"meta": {"class_id": 26}}).item() == 26
+    with pytest.raises(ValueError, match=r"sample 'k': class_id 27 outside -1..26"):
+        task._class_id({"__key__": "k", "meta": {"class_id": 27}})
 
 
 def test_depth_metrics_hand_computed():

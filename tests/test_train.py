@@ -145,7 +145,7 @@ def _stage_losses(loop_config):
         cfg.deepspeed.zero_stage = stage
         trainer = Trainer(cfg, loop_config)
         iters = {name: iter(stream) for name, stream in trainer._streams().items()}
-        losses[f"zero{stage}"] = [trainer.stepper.step(step, iters) for step in range(3)]  # 3: two updates seen
+        losses[f"zero{stage}"] = [float(trainer.stepper.step(step, iters)) for step in range(3)]  # 3: two updates seen
         trainer.state.step = 100 * stage + 3  # a checkpoint directory per stage
         trainer.save_and_report({"stage": stage})
     report_metrics(losses)

@@ -50,7 +50,8 @@ def _seconds_per_step(stepper: Any, name: str, batches: list[dict[str, Any]], wa
         stepper.step(step, {name: it})
     start = time.perf_counter()
     for step in range(warmup, len(batches)):
-        stepper.step(step, {name: it})
+        loss = stepper.step(step, {name: it})
+    float(loss)  # the steps queue on a GPU: wait for the last before stopping the clock
     return (time.perf_counter() - start) / (len(batches) - warmup)
 
 

@@ -274,9 +274,9 @@ class Trainer:
             self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
         return self.writer
 
-    def _log(self, step: int, loss: float, seconds: float, samples: int) -> None:
+    def _log(self, step: int, loss: torch.Tensor, seconds: float, samples: int) -> None:
         """Mean loss over ranks; rank 0 says the progress line and writes TensorBoard scalars."""
-        mean = _all_reduce(torch.tensor([loss], device=self.device)).item() / self.world
+        mean = _all_reduce(loss.detach().float().reshape(1).clone()).item() / self.world
         if self.rank != 0:
             return
         lr = max(g["lr"] for g in self.optimizer.param_groups)
@@ -306,8 +306,8 @@ class Trainer:
             self.state.nan_skips = self.stepper.nan_skips
             step = self.state.step
             self.state.epochs = {name: stream.epoch for name, stream in streams.items()}
-            if step % t.log_every == 0:
-                self._log(step, float(np.mean(losses)), time.perf_counter() - tick, per_step * len(losses))
+            if step % t.log_every == 0:  # the only read of the losses: one host sync per log_every steps
+                self._log(step, torch.stack(losses).mean(), time.perf_counter() - tick, per_step * len(losses))
                 tick, losses = time.perf_counter(), []
             if step % t.val_every == 0 or step == t.max_steps:
                 began = time.perf_counter()

@@ -128,11 +128,14 @@ class Stepper:
             log.warning(f"[vpd] step {step}: non-finite loss (task {task_name}), batch skipped ({self.nan_skips})")
         return True
 
-    def step(self, step: int, iters: dict[str, Iterator[dict[str, Any]]]) -> float:
-        """Optimizer step ``step`` (0-based) = ``accum`` finite micro-batches; returns their mean loss."""
+    def step(self, step: int, iters: dict[str, Iterator[dict[str, Any]]]) -> torch.Tensor:
+        """Optimizer step ``step`` (0-based) = ``accum`` finite micro-batches; returns their mean loss
+        as a 0-d device tensor: reading it is the caller's choice (the trainer's, at ``log_every``),
+        so the host never waits for the optimizer here. The one host sync of a micro-batch is the
+        all-reduced flag of :meth:`_skip`."""
         if self.lr_at is not None:
             set_lr(self.optimizer, self.lr_at(step))
-        total, micro = 0.0, 0
+        total, micro = torch.zeros((), device=self.device), 0
         while micro < self.accum:
             task_name = self.task_for(step, micro)
             loss, error = None, None
@@ -144,6 +147,6 @@ class Stepper:
                 continue
             self.engine.backward(loss)
             self.engine.step()
-            total += loss.item()
+            total += loss.detach()
             micro += 1
         return total / self.accum

@@ -36,12 +36,18 @@ class DepthConfig(TaskConfig):
 
 
 def silog_loss(pred: torch.Tensor, gt: torch.Tensor, variance_focus: float = 0.5) -> torch.Tensor:
-    """``sqrt(mean(d^2) - 0.5 * mean(d)^2)``, ``d = log gt - log pred``, over all pixels with gt > 0."""
+    """``sqrt(mean(d^2) - 0.5 * mean(d)^2)``, ``d = log gt - log pred``, over all pixels with gt > 0.
+
+    Masked means rather than boolean indexing, so nothing waits for the device (indexing by a mask
+    needs its count on the host). A batch without valid depth gives NaN (0 / 0), which the trainer's
+    finite-loss check skips or stops on, by ``train.nan_policy``.
+    """
     valid = gt > 0
-    if not valid.any():
-        raise ValueError("SiLog loss on a batch without any valid depth (gt > 0)")
-    d = torch.log(gt[valid].float()) - torch.log(pred[valid].float())  # fp32 even under bf16
-    return torch.sqrt((d**2).mean() - variance_focus * d.mean() ** 2)
+    ones = torch.ones((), dtype=torch.float32, device=gt.device)
+    d = torch.log(torch.where(valid, gt.float(), ones)) - torch.log(torch.where(valid, pred.float(), ones))  # fp32
+    count = valid.sum()
+    mean, mean_sq = d.sum() / count, (d * d).sum() / count  # d is 0 where gt is not valid
+    return torch.sqrt(mean_sq - variance_focus * mean**2)
 
 
 def window_offsets(image_w: int, window_w: int) -> list[int]:
@@ -184,8 +190,12 @@ class DepthTask(Task):
         from vpd_ray.model.text import class_names
 
         meta = sample.get("meta") or {}
-        if "class_id" in meta:
-            return torch.tensor(int(meta["class_id"]), dtype=torch.long)
         names = class_names(self.cfg.class_set)
+        if "class_id" in meta:  # checked here, on the host, so the model's lookup needs no device sync
+            class_id = int(meta["class_id"])
+            if not -1 <= class_id < len(names):
+                raise ValueError(f"sample {sample.get('__key__')!r}: class_id {class_id} outside -1..{len(names) - 1} "
+                                 f"(tasks.depth.class_set={self.cfg.class_set})")
+            return torch.tensor(class_id, dtype=torch.long)
         scene = meta.get("scene")
         return torch.tensor(names.index(scene) if scene in names else -1, dtype=torch.long)
