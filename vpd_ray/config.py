@@ -33,6 +33,7 @@ EXIT_CONFIG_ERROR = 2
 SCHEDULE_KINDS = ("constant", "poly_rise_fall", "warmup_poly")
 NAN_POLICIES = ("skip", "stop")
 RESUME_POLICIES = ("auto", "never", "must")
+DTYPES = ("fp32", "bf16")
 METRIC_MODES = ("min", "max")
 TRAIN_NEEDS = ("train_shards", "val_shards")
 
@@ -44,6 +45,9 @@ class ConfigError(InputError, ValueError):
 @dataclasses.dataclass
 class ModelSection:
     backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
+    # The frozen VAE encoder's dtype in training: "fp32" (the reference) or "bf16" (about half its time
+    # and memory on a GPU; `python -m vpd_ray.bench gpu` prints the latent error against fp32)
+    vae_dtype: str = "fp32"
 
 
 @dataclasses.dataclass
@@ -91,6 +95,11 @@ class TrainSection:
     schedule: ScheduleSection = dataclasses.field(default_factory=ScheduleSection)
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
     grad_checkpointing: bool = False  # UNet activation checkpointing (reentrant: safe under ZeRO-3)
+    # Speed options (docs/benchmarks.md); each can be turned off for a fidelity run
+    tf32: bool = True  # CUDA: TF32 for the fp32 matmuls and convolutions (the fp32 VAE); no effect on CPU
+    cudnn_benchmark: bool = True  # CUDA: cuDNN times its convolution algorithms once for the fixed crop
+    channels_last: bool = False  # NHWC model and images (convolutions of tensor-core kernels want it)
+    compile: bool = False  # torch.compile the UNet in place (state-dict keys unchanged); the first steps compile
     log_every: int = 10
     val_every: int = 500
     max_val_batches: Optional[int] = None  # cap on validation batches per worker; None: the whole split
@@ -106,6 +115,14 @@ class TrainSection:
 class DeepSpeedSection:
     zero_stage: int = 2
     bf16: bool = True
+    # ZeRO's gradient communication; the defaults are DeepSpeed's own
+    overlap_comm: bool = False  # reduce-scatter gradient buckets while the backward pass runs
+    contiguous_gradients: bool = True  # copy gradients into one buffer as they are produced
+    reduce_bucket_size: int = 500_000_000  # elements per gradient reduce-scatter
+    allgather_bucket_size: int = 500_000_000  # elements per parameter all-gather (ZeRO-1/2)
+    # "fp32" | "bf16" gradient accumulation (ZeRO-1 and ZeRO-3; DeepSpeed's ZeRO-2 accumulates in the
+    # parameter dtype); None: DeepSpeed's default, the parameter dtype
+    grad_accum_dtype: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -331,6 +348,14 @@ def validate(cfg: DictConfig, need: tuple[str, ...] = TRAIN_NEEDS, remote: tuple
     if not 0.0 < t.schedule.peak_fraction <= 1.0:
         raise ConfigError(f"train.schedule.peak_fraction: {t.schedule.peak_fraction} must be in (0, 1]")
     _check_choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
+    _check_choice("model.vae_dtype", cfg.model.vae_dtype, DTYPES)
+    if cfg.deepspeed.grad_accum_dtype is not None:
+        _check_choice("deepspeed.grad_accum_dtype", cfg.deepspeed.grad_accum_dtype, DTYPES)
+        if cfg.deepspeed.zero_stage in (0, 2):  # a silently ignored option would read as a fidelity setting
+            raise ConfigError(f"deepspeed.grad_accum_dtype: DeepSpeed applies it with zero_stage 1 or 3 only "
+                              f"(stage {cfg.deepspeed.zero_stage} accumulates in the parameter dtype)")
+    _check_positive("deepspeed.reduce_bucket_size", cfg.deepspeed.reduce_bucket_size)
+    _check_positive("deepspeed.allgather_bucket_size", cfg.deepspeed.allgather_bucket_size)
     _check_positive("scaling.num_workers", cfg.scaling.num_workers)
     _check_positive("data.num_workers", cfg.data.num_workers, 0)
     if not cfg.run.name or "/" in cfg.run.name:
@@ -348,6 +373,9 @@ def validate(cfg: DictConfig, need: tuple[str, ...] = TRAIN_NEEDS, remote: tuple
         # VPD.md: non-reentrant recompute (the backbone's) of a diffusers UNet with frozen partitioned
         # parameters crashes under ZeRO-3.
         raise ConfigError("train.grad_checkpointing: not supported with deepspeed.zero_stage 3; use zero_stage 2")
+    if t.compile and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError("train.compile: not supported with deepspeed.zero_stage 3 (ZeRO-3 gathers each layer's "
+                          "parameters in module hooks, which the compiled graph would bake in); use zero_stage 2")
     _check_backbone(cfg.model.backbone)
     _check_paths(cfg, need, remote)
 

@@ -3,7 +3,8 @@ run: steps by :class:`vpd_ray.engine.step.Stepper`, validation, checkpoints.
 
 Everything arrives in ``loop_config`` (``{"config": resolved config as a dict, ...}``); no globals.
 The frozen VAE is detached from the module DeepSpeed wraps (:func:`detach_vae`) so it is neither
-optimised nor partitioned by ZeRO-3; it runs ``backbone.encode`` in fp32 before the engine.
+optimised nor partitioned by ZeRO-3; it runs ``backbone.encode`` in ``model.vae_dtype`` (fp32 by
+default) before the engine. Speed options: :mod:`vpd_ray.engine.speed`.
 
 Collective discipline (a rank that skips one hangs the others): every rank runs the same steps, picks
 the same task per micro-batch (the stepper's draw), agrees on NaN skips with an all-reduce,
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from vpd_ray.engine import checkpoint as ckpt
+from vpd_ray.engine import speed
 from vpd_ray.engine.console import say
 from vpd_ray.engine.evaluation import evaluate_task
 from vpd_ray.engine.optim import deepspeed_config, lr_factor, param_groups
@@ -96,10 +98,12 @@ class Trainer:
             self.resume.load_weights(model)  # before DeepSpeed copies them into its fp32 masters
         if cfg.train.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
+        speed.configure_backends(cfg.train, self.device)
+        speed.prepare_model(model, cfg.train)
         self.frozen = ckpt.frozen_state(model)
         self.arch = architecture(model)
         self.config_yaml = to_yaml(cfg)
-        self.vae = detach_vae(model).to(self.device).float().eval()
+        self.vae = detach_vae(model).to(self.device, speed.DTYPES[cfg.model.vae_dtype]).eval()
         self.tasks = model.tasks
         groups = param_groups(model.named_parameters(), self.plan.lr, cfg.train.weight_decay, cfg.train.unet_lr_mult)
         names = {id(p): n for n, p in model.named_parameters()}
@@ -130,7 +134,9 @@ class Trainer:
         return self.engine(task_name, batch, latents=self.vae_encode(batch["image"]))
 
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.engine.module.backbone.encode(images.float()).to(self.dtype)
+        """The frozen VAE in ``model.vae_dtype``, outside the engine; latents in the engine's dtype."""
+        images = speed.to_memory_format(images.float(), self.cfg.train)
+        return self.engine.module.backbone.encode(images).to(self.dtype)
 
     def _streams(self) -> dict[str, Any]:
         from vpd_ray.data.pipeline import build_stream

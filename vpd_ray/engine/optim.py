@@ -99,7 +99,7 @@ def deepspeed_config(cfg: Any, micro_batch: int, grad_accum: int) -> dict[str, A
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": float(cfg.train.grad_clip),
         "bf16": {"enabled": bool(cfg.deepspeed.bf16)},
-        "zero_optimization": {"stage": int(cfg.deepspeed.zero_stage)},
+        "zero_optimization": {"stage": int(cfg.deepspeed.zero_stage), **zero_comm(cfg.deepspeed)},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # our own progress log replaces DeepSpeed's
         "wall_clock_breakdown": False,
@@ -110,9 +110,21 @@ def deepspeed_config(cfg: Any, micro_batch: int, grad_accum: int) -> dict[str, A
         # cast at the point of use: FP32BatchNorm2d normalises in fp32, and the backbone casts the text
         # context (class-embedding rows) to its own dtype.
         ds["data_types"] = {"buffer_dtype": "fp32"}
+    if cfg.deepspeed.grad_accum_dtype is not None:
+        ds.setdefault("data_types", {})["grad_accum_dtype"] = cfg.deepspeed.grad_accum_dtype
     if cfg.deepspeed.zero_stage == 3:
         # Gather a layer's shards right before use and keep nothing resident: the UNet is the bulk.
         ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 5e7})
     if math.isclose(cfg.train.grad_clip, 0.0):
         ds.pop("gradient_clipping")
     return ds
+
+
+def zero_comm(section: Any) -> dict[str, Any]:
+    """ZeRO's gradient-communication options of ``deepspeed.*`` (DeepSpeed's names; ZeRO-3 has no
+    all-gather bucket: it prefetches by ``stage3_prefetch_bucket_size``)."""
+    comm = {"overlap_comm": bool(section.overlap_comm), "contiguous_gradients": bool(section.contiguous_gradients),
+            "reduce_bucket_size": int(section.reduce_bucket_size)}
+    if section.zero_stage in (1, 2):
+        comm["allgather_bucket_size"] = int(section.allgather_bucket_size)
+    return comm

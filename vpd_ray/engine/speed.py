@@ -1,0 +1,39 @@
+"""The speed options of a training worker (``train.tf32``, ``train.cudnn_benchmark``,
+``train.channels_last``, ``train.compile``, ``model.vae_dtype``), applied in one place so the trainer
+and ``python -m vpd_ray.bench gpu`` run the same code. Each is a plain PyTorch switch; none changes
+what is computed beyond the stated tolerance (tests/test_speed.py), and each can be turned off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def configure_backends(train: Any, device: torch.device) -> None:
+    """TF32 and cuDNN's autotuner, on CUDA only (process-wide flags: set once per worker)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = bool(train.tf32)
+    torch.backends.cudnn.allow_tf32 = bool(train.tf32)
+    torch.backends.cudnn.benchmark = bool(train.cudnn_benchmark)
+
+
+def prepare_model(model: torch.nn.Module, train: Any, compile_backend: str = "inductor") -> torch.nn.Module:
+    """NHWC weights (``channels_last``) and the UNet compiled in place (``compile``), before DeepSpeed
+    wraps the model. ``Module.compile`` keeps the module and its state-dict keys (``torch.compile(m)``
+    would prefix them with ``_orig_mod.``), so checkpoints and packages are the same either way; the
+    taps and the attention-map processors run inside the compiled forward."""
+    if train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if train.compile:
+        model.backbone.unet.compile(backend=compile_backend)
+    return model
+
+
+def to_memory_format(images: torch.Tensor, train: Any) -> torch.Tensor:
+    """``[B,3,H,W]`` images in the model's memory format."""
+    return images.contiguous(memory_format=torch.channels_last) if train.channels_last else images
