@@ -1,8 +1,13 @@
-"""``python -m vpd_ray.evaluate CONFIG --checkpoint PATH [--out JSON] [key=value ...]``
+"""``python -m vpd_ray.evaluate CONFIG --checkpoint PATH [--out JSON] [--report DIR] [key=value ...]``
 
 Runs every task's test protocol on its ``test_shards`` (from CONFIG), split over the Ray workers of
 ``scaling`` (each sample exactly once; metric sums all-reduced), prints the seed's row
 (RMSE d1 d2 d3 REL log10 where the task has them) and writes all metrics as JSON.
+
+``--report DIR`` also writes where the model fails (:mod:`vpd_ray.report`): ``DIR/report.md`` and
+``DIR/report.html`` with, per task, the row, per-scene (depth) or per-class (seg) scores, a
+histogram of the per-image (refer: per-sentence) scores and the ``--report-worst`` worst samples
+drawn; the metrics are the same with or without it.
 
 ``PATH`` is a model package (``vpd_ray.export``), a training checkpoint or run directory, or the
 authors' released depth ``.pth`` (loaded into the model CONFIG describes, every key reported).
@@ -35,8 +40,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     parser.add_argument("--checkpoint", required=True, help="package, checkpoint/run dir, or the authors' .pth")
     parser.add_argument("--out", default=None, help="JSON file to write (default: <checkpoint>.eval.json)")
+    parser.add_argument("--report", default=None, metavar="DIR",
+                        help="also write DIR/report.md and DIR/report.html: where the model fails")
+    parser.add_argument("--report-worst", type=int, default=8, metavar="K",
+                        help="the report draws each task's K worst samples (default 8)")
     launch.add_arguments(parser)
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after --checkpoint
+    if args.report_worst < 0:
+        parser.error(f"--report-worst must be 0 or more, got {args.report_worst}")
     remote = launch.remote_prefixes(args)
     cfg = load_or_exit(args.config, args.overrides, need=("test_shards",), remote=remote)
     checkpoint = PathCheck("--checkpoint", "path", args.checkpoint)
@@ -46,13 +57,20 @@ def main(argv: list[str] | None = None) -> None:
     elif problem(checkpoint):
         exit_config_error(problem(checkpoint))
     launch.show(describe_evaluation(cfg, args.checkpoint))
+    if args.report is not None:
+        launch.show([f"report: {args.report}/report.md and report.html, {args.report_worst} worst samples per task"])
     if args.dry_run:
         launch.finish_dry_run(deferred)
+    if args.report is not None:
+        try:  # an unwritable DIR fails now, not after the evaluation
+            os.makedirs(args.report, exist_ok=True)
+        except OSError as err:
+            exit_config_error(f"--report: cannot create {args.report}: {err.strerror}")
     if not ray.is_initialized():
         ray.init()
     check_remote_paths(cfg, deferred)
     try:
-        metrics = evaluate(cfg, args.checkpoint)
+        metrics = evaluate(cfg, args.checkpoint, args.report, args.report_worst)
     except InputError as err:  # corrupt test data over the limit, an unloadable checkpoint: one line
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -67,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     with open(out, "w") as f:
         json.dump({"checkpoint": os.path.abspath(args.checkpoint), "metrics": metrics}, f, indent=1)
     print(f"metrics written to {out}")
+    if args.report is not None:
+        print(f"report written to {os.path.join(args.report, 'report.md')} and report.html")
 
 
 if __name__ == "__main__":

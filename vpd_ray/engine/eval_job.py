@@ -1,6 +1,9 @@
 """The evaluation job: every task's test protocol on its ``test_shards``, split over Ray workers
 (each sample exactly once; metric sums all-reduced), and the seed table's row of each task.
 
+With a report directory, workers also score every sample and draw the worst (:mod:`vpd_ray.report`);
+rank 0's metrics checkpoint brings them to the driver, which writes the report.
+
 The weights come from a model package (each worker reads ``model.safetensors``, mmapped), a
 training checkpoint or run directory (consolidated once, in one Ray task, and shared with every
 worker through the object store), or the authors' released depth ``.pth`` (every key reported).
@@ -104,10 +107,13 @@ def eval_loop(loop_config: dict[str, Any]) -> None:
 
 
 def _evaluate_on_worker(loop_config: dict[str, Any]) -> None:
+    """With ``loop_config["report_worst"]`` (k), also each task's scores for the report and its k worst
+    samples drawn, merged on rank 0 into the metrics checkpoint (:mod:`vpd_ray.report`)."""
     import ray.train
     import ray.train.torch
     import torch
 
+    from vpd_ray import report
     from vpd_ray.config import from_container
     from vpd_ray.data.pipeline import build_stream
     from vpd_ray.engine.evaluation import evaluate_task, report_metrics
@@ -115,7 +121,8 @@ def _evaluate_on_worker(loop_config: dict[str, Any]) -> None:
     cfg = from_container(loop_config["config"])
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     model = load_model(cfg, loop_config["checkpoint"], loop_config.get("weights")).to(device)
-    metrics = {}
+    worst = loop_config.get("report_worst")
+    metrics, collectors = {}, {}
     for name, section in cfg.tasks.items():
         task = model.tasks[name]
         stream = build_stream(section.test_shards, task.eval_transform, train=False,
@@ -125,16 +132,20 @@ def _evaluate_on_worker(loop_config: dict[str, Any]) -> None:
         def forward(images: torch.Tensor, batch: dict[str, Any], name: str = name) -> Any:
             return model.forward_images(name, images, batch)
 
+        if worst is not None:
+            collectors[name] = report.Collector(task, worst)
         with torch.no_grad():
-            metrics.update(evaluate_task(task, forward, stream, device))
-    report_metrics(metrics)
+            metrics.update(evaluate_task(task, forward, stream, device, on_batch=collectors.get(name)))
+    report_metrics(metrics, None if worst is None else report.checkpoint_files(collectors))
 
 
-def evaluate(cfg: DictConfig, checkpoint: str) -> dict[str, float]:
-    """Metrics of ``checkpoint`` on the test shards, over ``cfg.scaling`` Ray workers."""
+def evaluate(cfg: DictConfig, checkpoint: str, report_dir: str | None = None, worst: int = 8) -> dict[str, float]:
+    """Metrics of ``checkpoint`` on the test shards, over ``cfg.scaling`` Ray workers; with
+    ``report_dir``, also the evaluation report there, ``worst`` samples per task drawn (:mod:`vpd_ray.report`)."""
     import pyarrow.fs
     import ray
 
+    from vpd_ray import report
     from vpd_ray.engine import input_errors
     from vpd_ray.engine.train_job import torch_trainer
     from vpd_ray.package import WEIGHTS
@@ -146,25 +157,36 @@ def evaluate(cfg: DictConfig, checkpoint: str) -> dict[str, float]:
     # A checkpoint or run dir is consolidated once for all workers; a package each worker mmaps itself.
     if os.path.isdir(checkpoint) and not os.path.isfile(os.path.join(checkpoint, WEIGHTS)):
         loop_config["weights"] = share_checkpoint(checkpoint)
+    if report_dir is not None:
+        loop_config["report_worst"] = worst
     name = f"{cfg.run.name}-eval-{int(time.time())}"
     try:
         result = input_errors.fit(lambda box: torch_trainer(eval_loop, {**loop_config, **box}, cfg, name))
-    finally:  # Ray Train's bookkeeping of this job; the metrics are the output
+        scores = None if report_dir is None else report.from_checkpoint(result.checkpoint)
+    finally:  # Ray Train's bookkeeping of this job; the metrics (and the report) are the output
         fs, root = pyarrow.fs.FileSystem.from_uri(cfg.run.storage_path)
         if fs.get_file_info(f"{root}/{name}").type == pyarrow.fs.FileType.Directory:
             fs.delete_dir(f"{root}/{name}")
-    return dict(result.metrics)
+    metrics = dict(result.metrics)
+    if scores is not None:
+        rows = {task: seed_row(metrics, task) for task in scores}
+        report.write_report(report_dir, metrics, scores, rows, source=checkpoint)
+    return metrics
 
 
 def seed_rows(metrics: dict[str, float]) -> list[str]:
     """One line per task: the seed table's columns that the task reports."""
+    rows = (seed_row(metrics, task) for task in sorted({key.split("/")[0] for key in metrics}))
+    return [row for row in rows if row]
+
+
+def seed_row(metrics: dict[str, float], task: str) -> str:
+    """``task``'s line of :func:`seed_rows` and its sample count ("" when it reports no seed column)."""
     from vpd_ray.tasks import get_task
 
-    rows = []
-    for task in sorted({key.split("/")[0] for key in metrics}):
-        columns = get_task(task).paper_row
-        cells = [(label, metrics[f"{task}/{key}"]) for key, label in columns if f"{task}/{key}" in metrics]
-        if cells:
-            count = f"  ({int(metrics[f'{task}/samples'])} samples)" if f"{task}/samples" in metrics else ""
-            rows.append(f"{task}: " + "  ".join(f"{label} {value:.4f}" for label, value in cells) + count)
-    return rows
+    columns = get_task(task).paper_row
+    cells = [(label, metrics[f"{task}/{key}"]) for key, label in columns if f"{task}/{key}" in metrics]
+    if not cells:
+        return ""
+    count = f"  ({int(metrics[f'{task}/samples'])} samples)" if f"{task}/samples" in metrics else ""
+    return f"{task}: " + "  ".join(f"{label} {value:.4f}" for label, value in cells) + count

@@ -89,9 +89,10 @@ def evaluate_task(
     return {**{f"{task.name}/{k}": float(v) for k, v in metric.compute().items()}, f"{task.name}/samples": samples}
 
 
-def report_metrics(metrics: dict[str, Any]) -> None:
+def report_metrics(metrics: dict[str, Any], files: dict[str, bytes] | None = None) -> None:
     """``ray.train.report`` that reaches ``Result.metrics``: Ray Train v2 keeps only metrics that come
-    with a checkpoint, so rank 0 attaches a small one holding ``metrics.json``."""
+    with a checkpoint, so rank 0 attaches a small one holding ``metrics.json`` and ``files``
+    (``{relative path: bytes}``: what else the driver needs, e.g. the evaluation report's scores)."""
     import json
     import os
     import tempfile
@@ -104,4 +105,8 @@ def report_metrics(metrics: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="vpd_metrics_") as directory:
         with open(os.path.join(directory, "metrics.json"), "w") as f:
             json.dump(metrics, f)
+        for path, data in (files or {}).items():
+            os.makedirs(os.path.dirname(os.path.join(directory, path)), exist_ok=True)
+            with open(os.path.join(directory, path), "wb") as f:
+                f.write(data)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -144,6 +144,20 @@ class Task:
         """:meth:`panels` of sample ``index`` of an evaluation batch and its :meth:`predict` output."""
         raise NotImplementedError
 
+    # --- report ---------------------------------------------------------------------------------
+    # The evaluation report (`python -m vpd_ray.evaluate --report`) ranks samples by :meth:`scores`,
+    # which point the way of ``primary_metric``: lower is better where ``metric_mode`` is "min".
+    score_label: ClassVar[str]  # what a score measures, with its unit: the histogram's axis
+    score_item: ClassVar[str] = "image"  # what one score is of (refer: "sentence")
+    score_groups: ClassVar[str | None] = None  # what the groups of :meth:`scores` are (depth: "scene")
+
+    def scores(self, prediction: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, list[str] | None]:
+        """Per-sample scores of an evaluation batch and its :meth:`predict` output, from the task's
+        metric functions: ``(values, groups)``. ``values`` float64 ``[B, N]``: N scores per sample
+        (one per item; NaN where a slot holds no item or nothing could be scored); ``groups``: each
+        sample's group name where ``score_groups`` names what they are, else None."""
+        raise NotImplementedError
+
 
 def image_of(batch: Batch, index: int) -> np.ndarray:
     """Sample ``index`` of a batch's ``image`` ``[B,3,H,W]`` in [0,1] as HxWx3 uint8."""

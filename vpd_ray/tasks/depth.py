@@ -199,3 +199,20 @@ class DepthTask(Task):
             return torch.tensor(class_id, dtype=torch.long)
         scene = meta.get("scene")
         return torch.tensor(names.index(scene) if scene in names else -1, dtype=torch.long)
+
+    # --- report ---------------------------------------------------------------------------------
+    score_label = "per-image RMSE (m)"
+    score_groups = "scene"
+
+    def scores(self, prediction: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, list[str]]:
+        """Each image's RMSE as the metric computes it (``[B, 1]`` metres), grouped by the scene its
+        ``class_id`` names ("unknown" for -1): the protocol averages per image, so a scene's mean is
+        that scene's RMSE."""
+        from vpd_ray.metrics.depth import depth_metrics
+        from vpd_ray.model.text import class_names
+
+        rmse = [depth_metrics(p, g, self.cfg.min_depth, self.cfg.max_depth, self.cfg.eigen_crop)["rmse"]
+                for p, g in zip(prediction.detach().cpu(), batch["depth"].detach().cpu())]
+        names = class_names(self.cfg.class_set)
+        scenes = [names[k] if 0 <= k < len(names) else "unknown" for k in batch["class_id"].tolist()]
+        return torch.tensor(rmse, dtype=torch.float64)[:, None], scenes

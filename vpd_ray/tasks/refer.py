@@ -202,6 +202,22 @@ class ReferTask(Task):
         valid = torch.arange(slots) < len(sentences)
         return {**self._resized(sample), "input_ids": ids, "sentence_valid": valid}
 
+    # --- report ---------------------------------------------------------------------------------
+    score_label = "per-sentence IoU (fraction, 0 to 1)"
+    score_item = "sentence"
+
+    def scores(self, prediction: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, None]:
+        """Each sentence's IoU (``mask_iou``, as the metric scores it) in its slot ``[B, S]``, NaN in
+        the slots without a sentence."""
+        from vpd_ray.metrics.refer import mask_iou
+
+        valid = batch["sentence_valid"].detach().cpu().bool()  # [B, S]
+        pred = prediction.detach().cpu()  # [B, S, H, W]
+        target = batch["mask"].detach().cpu()[:, None].expand_as(pred)
+        values = torch.full(valid.shape, float("nan"), dtype=torch.float64)
+        values[valid] = mask_iou(pred[valid], target[valid])[2]
+        return values, None
+
 
 def _load_clip(kind: str, path: str) -> Any:
     """``transformers.<kind>.from_pretrained(path)`` with a one-line error naming the path."""

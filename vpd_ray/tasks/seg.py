@@ -229,3 +229,17 @@ class SegTask(Task):
         """
         image = torch.from_numpy(np.array(sample["image"])).permute(2, 0, 1).float() / 255.0
         return {"image": image, "label": torch.from_numpy(self._label(sample)).long()}
+
+    # --- report ---------------------------------------------------------------------------------
+    score_label = "per-image mIoU (fraction, 0 to 1)"
+
+    def scores(self, prediction: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, None]:
+        """Each image's mIoU ``[B, 1]``: the split's formula (``intersect_and_union``, nan-mean over
+        the classes in prediction or label) on that image alone; NaN where every pixel is ignored."""
+        from vpd_ray.metrics.seg import intersect_and_union
+
+        values = []
+        for pred, label in zip(prediction.detach().cpu(), batch["label"].detach().cpu()):
+            intersect, union = intersect_and_union(pred, label, self.cfg.num_classes)[:2]
+            values.append(torch.nanmean(intersect / union))
+        return torch.stack(values).double()[:, None], None
