@@ -306,6 +306,9 @@ class Trainer:
         per_step = self.plan.global_batch
         tick, losses = time.perf_counter(), []
         self.clock = (tick, self.state.step)
+        if self.rank == 0:
+            say(self.extra, f"training: step {self.state.step}/{t.max_steps} on {self.world} workers, "
+                            f"{per_step} samples per step")
         while self.state.step < t.max_steps:
             losses.append(self.stepper.step(self.state.step, iters))
             self.state.step += 1
