@@ -95,11 +95,31 @@ def _digests(folder) -> dict[str, str]:
             for root, _, files in os.walk(folder) for n in files}
 
 
+def _assert_quiet_console(proc, steps: int, log_every: int, val_every: int) -> None:
+    """The driver's console of a good run: the plan, one line when training starts, a progress line per
+    log step, a line per validation, the summary; no worker output, no Ray Train report dicts, no
+    tracebacks (``run.verbose`` would bring Ray's lines back)."""
+    ours = [line for line in proc.stdout.splitlines()
+            if not line.startswith("[vpd] plan: ") and "comm op" not in line]  # a cold op build is announced
+    assert ours.pop(0) == f"[vpd] training: step 0/{steps} on 2 workers, 8 samples per step", ours
+    progress = [line.split(" · ")[0] for line in ours if line.startswith("[vpd] step ") and " validation: " not in line]
+    assert progress == [f"[vpd] step {s}/{steps}" for s in range(log_every, steps + 1, log_every)], ours
+    assert sum(" validation: " in line for line in ours) == steps // val_every
+    assert "ETA" in ours[0] and "depth/rmse" in ours[-2], ours
+    assert ours[-1].startswith(f"[vpd] done: step {steps}/{steps}") and "best depth/rmse" in ours[-1], ours
+    assert "model package: " in ours[-1] and len(ours) == len(progress) + steps // val_every + 1, ours
+    everything = proc.stdout + proc.stderr
+    for noise in ("RayTrainWorker", "TrainController", "Traceback", "TrainingReport", "FutureWarning"):
+        assert noise not in everything, everything[-3000:]
+    assert len(proc.stderr.splitlines()) <= 4, proc.stderr  # Ray's lines on connecting to the cluster
+
+
 def test_finished_run_is_not_silently_resumed_and_nothing_changes(ray_head, tmp_path):
-    first, _ = _train(tmp_path, ["run.export=false"])
+    first, _ = _train(tmp_path, ["train.log_every=2"])
     assert first.returncode == 0, first.stderr[-3000:]
+    _assert_quiet_console(first, steps=6, log_every=2, val_every=3)
     before = _digests(tmp_path / "runs" / "bad")
-    again, _ = _train(tmp_path, ["run.export=false"])
+    again, _ = _train(tmp_path, ["train.log_every=2"])
     assert again.returncode == 0 and "finished at step 6" in again.stdout and "Nothing to do" in again.stdout
     assert _digests(tmp_path / "runs" / "bad") == before
     never, _ = _train(tmp_path, ["run.resume=never"])

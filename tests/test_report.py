@@ -185,16 +185,28 @@ def _evaluate_cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:
 def test_report_of_two_workers_leaves_the_metrics_as_they_are(ray_head, tmp_path):
     from test_infer import export_tiny_package
 
+    from vpd_ray.config import load
+    from vpd_ray.data.pipeline import build_stream
+    from vpd_ray.engine.eval_job import seed_rows
+    from vpd_ray.engine.evaluation import evaluate_task
+    from vpd_ray.package import load_package
+
     package = export_tiny_package(tmp_path / "pkg")
-    plain = _evaluate_cli(["--checkpoint", package, "--out", str(tmp_path / "plain.json")], tmp_path)
     out = tmp_path / "report"
     reported = _evaluate_cli(["--checkpoint", package, "--out", str(tmp_path / "reported.json"),
                               "--report", str(out), "--report-worst", "3"], tmp_path)
-
-    row = [line for line in plain.stdout.splitlines() if line.startswith("depth: RMSE")]
+    metrics = json.loads((tmp_path / "reported.json").read_text())["metrics"]
+    # The same metrics as a plain single-process pass (no report, no Ray): the report changes nothing.
+    model, _ = load_package(package)
+    task, section = model.tasks["depth"], load("configs/sample.yaml").tasks.depth
+    stream = build_stream(section.test_shards, task.eval_transform, train=False, batch_size=section.eval_batch_size,
+                          fields=task.fields, num_workers=0)
+    with torch.no_grad():
+        plain = evaluate_task(task, lambda images, batch: model.forward_images("depth", images, batch), stream,
+                              torch.device("cpu"))
+    assert metrics.keys() == plain.keys() and all(metrics[k] == pytest.approx(plain[k], rel=1e-5) for k in plain)
+    row = seed_rows(metrics)
     assert row and row[0] in reported.stdout.splitlines()
-    metrics = json.loads((tmp_path / "plain.json").read_text())["metrics"]
-    assert json.loads((tmp_path / "reported.json").read_text())["metrics"] == metrics
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     assert row[0] in md and "depth: RMSE" in page and "(64 samples)" in row[0]
     scores = json.loads((out / "scores.json").read_text())["depth"]

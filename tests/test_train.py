@@ -240,30 +240,6 @@ def test_validation_pictures_of_every_task_reach_tensorboard(ray_cluster, tmp_pa
         assert event.step == 2 and event.width > 3 * event.height / 2  # image | truth | prediction (| error)
 
 
-def test_cli_console_is_one_line_per_log_step_and_validation(ray_cluster, tmp_path):
-    """The driver's console: the plan, a progress line per log step, a line per validation, the summary;
-    no worker output, no Ray Train report dicts, no tracebacks (run.verbose brings Ray's lines back)."""
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
-    proc = subprocess.run(
-        [sys.executable, "-m", "vpd_ray.train", "configs/sample.yaml", f"run.storage_path={tmp_path}",
-         "train.max_steps=8", "train.log_every=2", "train.val_every=4", "train.max_val_batches=1",
-         "data.num_workers=0"], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    ours = [line for line in lines if not line.startswith("[vpd] plan: ") and "comm op" not in line]  # a cold op build
-    assert ours.pop(0) == "[vpd] training: step 0/8 on 2 workers, 8 samples per step"
-    assert [line.split(" · ")[0] for line in ours if " validation: " not in line][:4] == [
-        "[vpd] step 2/8", "[vpd] step 4/8", "[vpd] step 6/8", "[vpd] step 8/8"]
-    assert sum(" validation: " in line for line in ours) == 2
-    assert "ETA" in ours[0] and "depth/rmse" in ours[-2]
-    assert ours[-1].startswith("[vpd] done: step 8/8") and "best depth/rmse" in ours[-1] and "model package: " in ours[-1]
-    assert len(ours) == 4 + 2 + 1
-    everything = proc.stdout + proc.stderr
-    for noise in ("RayTrainWorker", "TrainController", "Traceback", "TrainingReport", "FutureWarning"):
-        assert noise not in everything, everything[-3000:]
-    assert len(proc.stderr.splitlines()) <= 3, proc.stderr  # Ray's lines on connecting to the cluster
-
-
 def test_paths_only_the_workers_see_are_checked_on_a_worker(ray_cluster, tmp_path, monkeypatch):
     """A head node without the data mount: the driver cannot see the shards, a worker node can."""
     from vpd_ray.config import ConfigError, deferred_checks
