@@ -5,9 +5,10 @@
 - ``tiny_sd_checkpoint``: the same weights as one original-layout ``.safetensors`` file.
 - ``tiny_clip_dir``: a CLIP text model (32-d) + a CLIPTokenizer with a byte-level character vocabulary.
 - ``tiny_backbone_config``: ``BackboneConfig(source="tiny")``.
-- ``ray_head`` (session): the one Ray cluster of the test run, a 2-CPU token-auth head of our own on
-  127.0.0.1, with ``RAY_ADDRESS`` and the token in the environment of every process; ``ray_cluster``
-  (per module): this process connected to it. Entry points that connect themselves (``vpd_ray.tune``)
+- ``ray_nodes`` (session): the one Ray cluster of the test run, two nodes on this machine (a 1-CPU
+  head and a 1-CPU worker node, token auth, 127.0.0.1), so every 2-worker run spans two nodes; it can
+  kill and add worker nodes. ``ray_head``: its address, with ``RAY_ADDRESS`` and the token in the
+  environment of every process; ``ray_cluster`` (per module): this process connected to it. Entry points that connect themselves (``vpd_ray.tune``)
   take ``ray_head`` only.
 - :func:`free_port`: a free 127.0.0.1 port.
 """
@@ -33,39 +34,107 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def ray_head():
-    """Our own head, not ``ray.init()``'s: with no address, Ray Train's placement-group cleaner
-    guesses the cluster, and with other Ray instances on the machine it can pick one and kill our
-    workers. Yields the GCS address."""
-    import secrets
+class LocalCluster:
+    """A Ray cluster of several nodes on this machine: a head and worker nodes, each a ``ray start
+    --block`` process of ours in its own process group, on private 127.0.0.1 ports, token auth.
+    :meth:`kill_node` takes a worker node down at once (its raylet and workers, SIGKILL), as a lost
+    machine; :meth:`add_node` joins a new one."""
 
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": address}
+    def __init__(self, temp_dir: str):
+        import secrets
+
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": self.address}
+        self.temp_dir = temp_dir
+        self.head = self._start(["--head", f"--port={self.port}", f"--dashboard-port={free_port()}",
+                                 "--dashboard-host=127.0.0.1"], num_cpus=1)
+        self.workers: list[subprocess.Popen] = []
+
+    def _start(self, role: list[str], num_cpus: int) -> subprocess.Popen:
+        ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+        ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                         "metrics-export-port", "runtime-env-agent-port")]
+        return subprocess.Popen(
+            [ray_cli, "start", "--block", *role, "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+             "--num-gpus=0", "--object-store-memory=1000000000", *ports, "--disable-usage-stats",
+             f"--temp-dir={self.temp_dir}"],
+            env={**os.environ, **self.auth, "RAY_USAGE_STATS_ENABLED": "0"}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def add_node(self, num_cpus: int = 1) -> subprocess.Popen:
+        node = self._start([f"--address={self.address}"], num_cpus)
+        self.workers.append(node)
+        return node
+
+    def kill_node(self, node: subprocess.Popen) -> None:
+        import signal
+
+        os.killpg(node.pid, signal.SIGKILL)  # its own process group: only this node's processes
+        node.wait(timeout=60)
+        self.workers.remove(node)
+
+    def alive_nodes(self) -> int:
+        import ray
+
+        return sum(n["Alive"] for n in ray.nodes())
+
+    def stop(self) -> None:
+        for node in [*self.workers, self.head]:
+            node.terminate()
+        for node in [*self.workers, self.head]:
+            try:
+                node.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                import signal
+
+                os.killpg(node.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def ray_nodes():
+    """The session's cluster: a 1-CPU head and a 1-CPU worker node, so a 2-worker run spans two nodes.
+    Our own head, not ``ray.init()``'s: with no address, Ray Train's placement-group cleaner guesses
+    the cluster, and with other Ray instances on the machine it can pick one and kill our workers.
+    ``RAY_ADDRESS`` and the token are in the environment of every process."""
     temp_dir = tempfile.mkdtemp(prefix="vpdray")  # short: Ray's socket paths must stay under 107 bytes
-    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-         "--num-gpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
-         f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        env={**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0"}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    os.environ.update(auth)
+    cluster = LocalCluster(temp_dir)
+    cluster.add_node()
+    os.environ.update(cluster.auth)
+    import ray
+
+    connect(cluster.address)
+    wait_for_cpus(2)
+    ray.shutdown()
     try:
-        yield address
+        yield cluster
     finally:
-        head.terminate()
-        head.wait(timeout=120)
-        for key in auth:
+        cluster.stop()
+        for key in cluster.auth:
             os.environ.pop(key, None)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_head(ray_nodes):
+    """The GCS address of the session's cluster (:func:`ray_nodes`)."""
+    return ray_nodes.address
 
 
 @pytest.fixture(scope="module")
 def ray_cluster(ray_head):
     """This process connected to the session's head for one test module."""
+    import ray
+
+    connect(ray_head)
+    try:
+        yield ray_head
+    finally:
+        ray.shutdown()
+
+
+def connect(address: str) -> None:
+    """``ray.init(address)`` once the head answers, with the token this process got after importing Ray."""
     import ray
     from ray._private.authentication.authentication_token_setup import _enable_token_auth
     from ray._raylet import AuthenticationTokenLoader
@@ -74,14 +143,22 @@ def ray_cluster(ray_head):
     AuthenticationTokenLoader.instance().reset_cache()
     for _ in range(60):
         try:
-            ray.init(address=ray_head)
-            break
+            ray.init(address=address)
+            return
         except ConnectionError:
             time.sleep(1)
-    try:
-        yield ray_head
-    finally:
-        ray.shutdown()
+    raise RuntimeError(f"no Ray head at {address}")
+
+
+def wait_for_cpus(cpus: float, timeout_s: float = 120) -> None:
+    """Until the connected cluster has ``cpus`` CPUs (a node joining or a lost one replaced)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while ray.cluster_resources().get("CPU", 0) < cpus:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the cluster has {ray.cluster_resources().get('CPU', 0)} CPUs, not {cpus}")
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

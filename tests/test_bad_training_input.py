@@ -101,7 +101,7 @@ def _assert_quiet_console(proc, steps: int, log_every: int, val_every: int) -> N
     tracebacks (``run.verbose`` would bring Ray's lines back)."""
     ours = [line for line in proc.stdout.splitlines()
             if not line.startswith("[vpd] plan: ") and "comm op" not in line]  # a cold op build is announced
-    assert ours.pop(0) == f"[vpd] training: step 0/{steps} on 2 workers, 8 samples per step", ours
+    assert ours.pop(0) == f"[vpd] training: step 0/{steps} on 2 workers (2 nodes), 8 samples per step", ours
     progress = [line.split(" · ")[0] for line in ours if line.startswith("[vpd] step ") and " validation: " not in line]
     assert progress == [f"[vpd] step {s}/{steps}" for s in range(log_every, steps + 1, log_every)], ours
     assert sum(" validation: " in line for line in ours) == steps // val_every

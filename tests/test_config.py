@@ -284,3 +284,15 @@ def test_evaluate_checkpoint_that_does_not_exist_is_one_line():
                           capture_output=True, text=True, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and lines == ["config error: --checkpoint: path not found: /nowhere/package"], proc.stderr
+
+
+def test_elastic_worker_counts_and_placement_are_validated():
+    from vpd_ray.config import worker_range
+
+    assert worker_range(load("configs/sample.yaml")) == (2, 2)
+    assert worker_range(load("configs/sample.yaml", ["scaling.num_workers=[1,4]"])) == (1, 4)
+    for bad in ("[3,2]", "[0,2]", "[1,2,3]", "1.5", "two"):
+        with pytest.raises(ConfigError, match="scaling.num_workers"):
+            load("configs/sample.yaml", [f"scaling.num_workers={bad}"])
+    with pytest.raises(ConfigError, match="scaling.placement_strategy"):
+        load("configs/sample.yaml", ["scaling.placement_strategy=pack"])

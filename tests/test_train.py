@@ -15,8 +15,8 @@ import torch
 
 from vpd_ray.config import load
 from vpd_ray.engine.evaluation import evaluate_task
-from vpd_ray.engine.console import ERRORS
-from vpd_ray.engine.loop import EVENTS, FAULT_MARKER
+from vpd_ray.engine.console import ERRORS, EVENTS
+from vpd_ray.engine.loop import FAULT_MARKER
 from vpd_ray.package import load_package
 
 pytestmark = pytest.mark.slow

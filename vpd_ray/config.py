@@ -34,6 +34,7 @@ SCHEDULE_KINDS = ("constant", "poly_rise_fall", "warmup_poly")
 NAN_POLICIES = ("skip", "stop")
 RESUME_POLICIES = ("auto", "never", "must")
 DTYPES = ("fp32", "bf16")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 METRIC_MODES = ("min", "max")
 TRAIN_NEEDS = ("train_shards", "val_shards")
 
@@ -127,9 +128,14 @@ class DeepSpeedSection:
 
 @dataclasses.dataclass
 class ScalingSection:
-    num_workers: int = 1
+    # Training workers (GPUs): N, or [min, max] for an elastic run: Ray Train starts with as many as the
+    # cluster fits (at least min), restarts the group from the latest checkpoint when a node is lost
+    # and grows it again when nodes join; the batch plan is recomputed from the real count each time.
+    num_workers: Any = 1
     use_gpu: bool = False
     resources_per_worker: Dict[str, float] = dataclasses.field(default_factory=dict)
+    placement_strategy: str = "PACK"  # Ray's: PACK (fill a node first), SPREAD, STRICT_PACK, STRICT_SPREAD
+    elastic_resize_monitor_interval_s: float = 60.0  # elastic runs: how often Ray Train looks for more room
 
 
 @dataclasses.dataclass
@@ -306,13 +312,26 @@ def task_metric(cfg: DictConfig) -> tuple[str, str]:
     return metric, cfg.train.checkpoint.mode or first.metric_mode
 
 
+def worker_range(cfg: DictConfig) -> tuple[int, int]:
+    """``(min, max)`` training workers of ``scaling.num_workers`` (N: ``(N, N)``); raises ConfigError."""
+    value = cfg.scaling.num_workers
+    counts = list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else [value]
+    if len(counts) == 1:
+        counts *= 2
+    if len(counts) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in counts) \
+            or not 1 <= counts[0] <= counts[1]:
+        raise ConfigError(f"scaling.num_workers: {OmegaConf.to_container(value) if OmegaConf.is_list(value) else value!r} "
+                          "must be a count >= 1 or [min, max] with 1 <= min <= max")
+    return counts[0], counts[1]
+
+
 def batch_plan(cfg: DictConfig, workers: Optional[int] = None) -> BatchPlan:
-    """Micro-batch, accumulation and scaled LR on ``workers`` (default ``scaling.num_workers``); see
+    """Micro-batch, accumulation and scaled LR on ``workers`` (default: the most ``scaling.num_workers`` allows); see
     :mod:`vpd_ray.batching`. Workers call it with their real world size."""
     from vpd_ray.batching import plan_batches
 
     caps = {name: task.batch_size for name, task in cfg.tasks.items()}
-    return plan_batches(caps, workers or cfg.scaling.num_workers, cfg.train.global_batch_size, cfg.train.lr,
+    return plan_batches(caps, workers or worker_range(cfg)[1], cfg.train.global_batch_size, cfg.train.lr,
                         cfg.train.lr_scaling)
 
 
@@ -356,7 +375,9 @@ def validate(cfg: DictConfig, need: tuple[str, ...] = TRAIN_NEEDS, remote: tuple
                               f"(stage {cfg.deepspeed.zero_stage} accumulates in the parameter dtype)")
     _check_positive("deepspeed.reduce_bucket_size", cfg.deepspeed.reduce_bucket_size)
     _check_positive("deepspeed.allgather_bucket_size", cfg.deepspeed.allgather_bucket_size)
-    _check_positive("scaling.num_workers", cfg.scaling.num_workers)
+    worker_range(cfg)  # an int >= 1 or [min, max] with 1 <= min <= max
+    _check_choice("scaling.placement_strategy", cfg.scaling.placement_strategy, PLACEMENT_STRATEGIES)
+    _check_above("scaling.elastic_resize_monitor_interval_s", cfg.scaling.elastic_resize_monitor_interval_s)
     _check_positive("data.num_workers", cfg.data.num_workers, 0)
     if not cfg.run.name or "/" in cfg.run.name:
         raise ConfigError(f"run.name: {cfg.run.name!r} must be a non-empty name without '/'")

@@ -172,12 +172,14 @@ def describe_evaluation(cfg: DictConfig, checkpoint: str) -> list[str]:
 
 def describe(cfg: DictConfig, workers: int | None = None, training: bool = True) -> list[str]:
     """The plan as printable lines; ``workers`` defaults to ``scaling.num_workers``."""
-    from vpd_ray.config import batch_plan
+    from vpd_ray.config import batch_plan, worker_range
 
     t = cfg.train
-    workers = workers or cfg.scaling.num_workers
+    low, high = worker_range(cfg)
+    workers = workers or high
     device = "GPU" if cfg.scaling.use_gpu else "CPU"
-    lines = [f"workers: {workers} ({device}, scaling.num_workers), DeepSpeed ZeRO-{cfg.deepspeed.zero_stage} "
+    count = f"{workers}" if low == high or workers != high else f"{low} to {high}, elastic"
+    lines = [f"workers: {count} ({device}, scaling.num_workers), DeepSpeed ZeRO-{cfg.deepspeed.zero_stage} "
              f"{'bf16' if cfg.deepspeed.bf16 else 'fp32'}"]
     counts = model_counts(cfg)
     lines.append(f"model: {_millions(counts.trainable)} trainable parameters, {_millions(counts.frozen)} frozen "
@@ -186,6 +188,10 @@ def describe(cfg: DictConfig, workers: int | None = None, training: bool = True)
         return lines
     plan = batch_plan(cfg, workers)
     lines.append(f"batch: {plan.reason}")
+    if low != high and workers == high:
+        fewest = batch_plan(cfg, low)
+        lines.append(f"elastic: recomputed at every (re)start from the real count; on {low}: {fewest.reason}, "
+                     f"lr {fewest.lr:.3g}")
     lines.append(f"lr: {plan.lr:.3g} (train.lr {t.lr:.3g} x {plan.lr_factor:.4g}), schedule {t.schedule.kind}")
     for name, samples in split_samples(cfg).items():
         seen = t.max_steps * plan.micro[name] * workers * plan.accum

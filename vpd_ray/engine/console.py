@@ -6,7 +6,8 @@ What the user reads comes through one small actor instead:
 
 - rank 0 puts its progress line per ``train.log_every``, one line per validation, and resumes;
 - a Ray Train callback on the controller puts one line per worker fault, with its traceback, which
-  the driver appends to ``<run dir>/errors.log`` rather than printing.
+  the driver appends to ``<run dir>/errors.log`` rather than printing (the line also goes to
+  ``<run dir>/events.log``, the run's record of starts, faults, resumes and checkpoints).
 
 A driver thread prints the lines as they arrive. Where there is no console (a Tune trial, a test
 calling the loop directly), :func:`say` logs through the worker's logger as before.
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 KEY = "console"  # the actor handle's key in train_loop_config
 ERRORS = "errors.log"
+EVENTS = "events.log"
 POLL_S = 0.5
 
 
@@ -44,6 +46,16 @@ class Lines:
         return items
 
 
+def on_driver_node(cls: type) -> Any:
+    """``cls`` as a zero-CPU Ray actor pinned to the driver's node, like Ray Train's controller: a
+    node lost mid-run must not take the run's bookkeeping actors with it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(cls)
+
+
 def say(loop_config: dict[str, Any], line: str) -> None:
     """A worker's console line (rank 0's progress, validation, resume): to the driver's console when the
     run has one (fire and forget: a training step never waits on it), else to the worker's log."""
@@ -58,7 +70,7 @@ class Console:
     """Driver side, around ``fit``: ``with Console(run_dir) as console: ... {KEY: console.handle}``."""
 
     def __init__(self, run_dir: str):
-        self.errors = os.path.join(run_dir, ERRORS)
+        self.run_dir, self.errors = run_dir, os.path.join(run_dir, ERRORS)
         self.handle: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pump, name="vpd-console", daemon=True)
@@ -66,7 +78,7 @@ class Console:
     def __enter__(self) -> "Console":
         import ray
 
-        self.handle = ray.remote(num_cpus=0)(Lines).remote()
+        self.handle = on_driver_node(Lines).remote()
         self._thread.start()
         return self
 
@@ -86,8 +98,9 @@ class Console:
 
     def _print(self, items: list[tuple[str, str | None]]) -> None:
         for line, detail in items:
-            if detail is not None:
+            if detail is not None:  # a fault: on record in events.log, its traceback in errors.log
                 self.record(detail)
+                append_event(self.run_dir, line.removeprefix("[vpd] "))
                 line = f"{line} (traceback: {self.errors})"
             print(line, flush=True)
 
@@ -96,6 +109,13 @@ class Console:
         os.makedirs(os.path.dirname(self.errors), exist_ok=True)
         with open(self.errors, "a") as f:
             f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')}\n{text.rstrip()}\n")
+
+
+def append_event(run_dir: str, line: str) -> None:
+    """One timestamped line in ``<run dir>/events.log``: starts, faults, resumes, checkpoints, stops."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, EVENTS), "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
 
 
 def traceback_of(error: BaseException) -> str:

@@ -35,7 +35,9 @@ def fit(make_trainer: Callable[[dict[str, Any]], Any]) -> Any:
     InputError on the driver (after the workers have returned), else returns the Ray Train result."""
     import ray
 
-    box = ray.remote(num_cpus=0)(FirstMessage).remote()
+    from vpd_ray.engine.console import on_driver_node
+
+    box = on_driver_node(FirstMessage).remote()
     try:
         result = make_trainer({KEY: box}).fit()
         message = ray.get(box.get.remote())

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from vpd_ray.engine import checkpoint as ckpt
 from vpd_ray.engine import speed
-from vpd_ray.engine.console import say
+from vpd_ray.engine.console import append_event, say
 from vpd_ray.engine.evaluation import evaluate_task
 from vpd_ray.engine.optim import deepspeed_config, lr_factor, param_groups
 from vpd_ray.engine.step import Stepper, float_outputs
@@ -41,7 +41,6 @@ from vpd_ray.paths import human_bytes
 log = logging.getLogger(__name__)
 
 FAULT_MARKER = ".fault_injected"
-EVENTS = "events.log"
 
 
 def detach_vae(model: torch.nn.Module) -> torch.nn.Module:
@@ -252,6 +251,18 @@ class Trainer:
                                    "weights, fresh optimizer state (AdamW moments reset)")
             self._event(f"resuming from checkpoint {self.resume.path} at step {self.state.step}{how}", console=True)
 
+    def _worker_nodes(self) -> list[str]:
+        """Each rank's node (Ray node id, shortened, and IP), so events.log says which node a lost rank was on."""
+        import ray
+
+        context = ray.get_runtime_context()
+        mine = f"node {context.get_node_id()[:8]} ({ray.util.get_node_ip_address()})"
+        if not dist.is_initialized():
+            return [mine]
+        nodes: list[Any] = [None] * self.world
+        dist.all_gather_object(nodes, mine)  # between our own ranks
+        return nodes
+
     def _event(self, line: str, console: bool = False) -> None:
         """Rank 0: append to ``<run dir>/events.log`` (restarts, resumes, checkpoints stay on record);
         ``console``: say it too (a resume), else only the worker's log has it."""
@@ -306,9 +317,12 @@ class Trainer:
         per_step = self.plan.global_batch
         tick, losses = time.perf_counter(), []
         self.clock = (tick, self.state.step)
+        nodes = self._worker_nodes()
         if self.rank == 0:
-            say(self.extra, f"training: step {self.state.step}/{t.max_steps} on {self.world} workers, "
-                            f"{per_step} samples per step")
+            where = ", ".join(f"rank {r} on {node}" for r, node in enumerate(nodes))
+            self._event(f"worker group: {self.world} workers on {len(set(nodes))} nodes ({where})")
+            say(self.extra, f"training: step {self.state.step}/{t.max_steps} on {self.world} workers "
+                            f"({len(set(nodes))} node{'s' * (len(set(nodes)) > 1)}), {per_step} samples per step")
         while self.state.step < t.max_steps:
             losses.append(self.stepper.step(self.state.step, iters))
             self.state.step += 1
@@ -391,13 +405,6 @@ def _builds_cpu_comm_op() -> bool:
         return not os.path.exists(built)
     except Exception:  # an announcement only: never a reason to fail
         return False
-
-
-def append_event(run_dir: str, line: str) -> None:
-    """One timestamped line in ``<run dir>/events.log``: restarts, resumes, checkpoints, stops."""
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, EVENTS), "a") as f:
-        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
 
 
 def _dir_bytes(directory: str) -> int:

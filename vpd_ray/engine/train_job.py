@@ -17,14 +17,21 @@ FAIL_ENV = "VPD_FAIL_ONCE_AT_STEP"
 def torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any], cfg: DictConfig, name: str, *,
                   num_workers: int | None = None, checkpoint_config: Any = None, max_failures: int = 0,
                   callbacks: Sequence[Any] = ()) -> Any:
-    """Every ``TorchTrainer`` of the project: ``loop`` on ``scaling`` workers (``num_workers``
-    overrides the count), the resolved config in ``loop_config["config"]``, the run in
+    """Every ``TorchTrainer`` of the project: ``loop`` on ``scaling`` workers (a fixed count, or Ray
+    Train's elastic ``(min, max)``; ``num_workers`` overrides it), placed by ``scaling.placement_strategy``,
+    the resolved config in ``loop_config["config"]``, the run in
     ``<run.storage_path>/<name>``. Ray's own TorchConfig picks NCCL with GPUs and gloo without."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    scaling = ScalingConfig(num_workers=num_workers or cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                            resources_per_worker=dict(cfg.scaling.resources_per_worker) or None)
+    from vpd_ray.config import worker_range
+
+    low, high = worker_range(cfg)
+    s = cfg.scaling
+    scaling = ScalingConfig(num_workers=num_workers or (high if low == high else (low, high)), use_gpu=s.use_gpu,
+                            resources_per_worker=dict(s.resources_per_worker) or None,
+                            placement_strategy=s.placement_strategy,
+                            elastic_resize_monitor_interval_s=s.elastic_resize_monitor_interval_s)
     run_config = RunConfig(name=name, storage_path=cfg.run.storage_path, checkpoint_config=checkpoint_config,
                            failure_config=FailureConfig(max_failures=max_failures), callbacks=list(callbacks))
     loop_config = {"config": OmegaConf.to_container(cfg, resolve=True), **loop_config}
@@ -113,8 +120,8 @@ def fit(cfg: DictConfig, deferred: list | None = None, callbacks: Sequence[Any] 
 
     from vpd_ray.config import local_run_dir, to_yaml
     from vpd_ray.engine import console as run_console
+    from vpd_ray.engine.console import append_event
     from vpd_ray.engine import input_errors
-    from vpd_ray.engine.loop import append_event
     from vpd_ray.errors import InputError, fault_line
     from vpd_ray.preflight import check_remote_paths
 

@@ -87,11 +87,13 @@ def max_concurrent_trials(base: DictConfig, requested: int | None) -> int:
     """
     import ray
 
+    from vpd_ray.config import worker_range
+
     if requested:
         return requested
     total = ray.cluster_resources()
     per_worker = dict(base.scaling.resources_per_worker)
-    workers = base.scaling.num_workers
+    workers = worker_range(base)[1]
     if base.scaling.use_gpu:
         return max(1, int(total.get("GPU", 0) // (workers * per_worker.get("GPU", 1))))
     return max(1, int(total.get("CPU", 1) // (workers * per_worker.get("CPU", 1) + TRIAL_DRIVER_CPU)))
