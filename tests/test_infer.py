@@ -285,3 +285,24 @@ def test_predictor_writes_label_pngs_equal_to_the_model_argmax(config, tmp_path)
     with torch.inference_mode():
         want = model(task, inputs)[0].argmax(0).numpy()
     np.testing.assert_array_equal(np.asarray(written), want)
+
+
+def test_bf16_inference_runs_the_model_under_autocast(tmp_path):
+    """``--dtype bf16``: the forward runs under bf16 autocast and the map comes back fp32, close to fp32's
+    (the tiny random model's depth is flat, so closeness here is weak: tests/test_speed.py measures bf16's
+    error on the VAE)."""
+    import torch
+
+    from vpd_ray.inference.predictor import Predictor
+
+    package = export_tiny_package(tmp_path / "pkg")
+    image = (np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8)
+    fp32 = Predictor(package, str(tmp_path / "a"), "depth").predict([image])[0]
+    predictor = Predictor(package, str(tmp_path / "b"), "depth", dtype="bf16")
+    seen = []
+    forward = predictor.model.forward
+    predictor.model.forward = lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu")) or forward(*a, **k)
+    bf16 = predictor.predict([image])[0]
+    assert seen == [True] and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert bf16.dtype == np.float32 and bf16.shape == (96, 128)
+    np.testing.assert_allclose(bf16, fp32, rtol=0.02)

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="JSON file to write (default: <checkpoint>.eval.json)")
     parser.add_argument("--report", default=None, metavar="DIR",
                         help="also write DIR/report.md and DIR/report.html: where the model fails")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: the model under bf16 autocast (weights stay fp32); compare with an fp32 run")
     parser.add_argument("--report-worst", type=int, default=8, metavar="K",
                         help="the report draws each task's K worst samples (default 8)")
     launch.add_arguments(parser)
@@ -67,10 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         except OSError as err:
             exit_config_error(f"--report: cannot create {args.report}: {err.strerror}")
     if not ray.is_initialized():
-        ray.init()
+        ray.init(log_to_driver=cfg.run.verbose)  # worker output stays in Ray's logs unless run.verbose
     check_remote_paths(cfg, deferred)
     try:
-        metrics = evaluate(cfg, args.checkpoint, args.report, args.report_worst)
+        metrics = evaluate(cfg, args.checkpoint, args.report, args.report_worst, args.dtype)
     except InputError as err:  # corrupt test data over the limit, an unloadable checkpoint: one line
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                   "(skipped corrupt samples, data.max_corrupt); the metrics cover those only", file=sys.stderr)
     out = args.out or os.path.abspath(args.checkpoint).rstrip("/") + ".eval.json"
     with open(out, "w") as f:
-        json.dump({"checkpoint": os.path.abspath(args.checkpoint), "metrics": metrics}, f, indent=1)
+        json.dump({"checkpoint": os.path.abspath(args.checkpoint), "dtype": args.dtype, "metrics": metrics}, f, indent=1)
     print(f"metrics written to {out}")
     if args.report is not None:
         print(f"report written to {os.path.join(args.report, 'report.md')} and report.html")

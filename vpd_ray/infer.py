@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[InferOptions, argparse.Na
     parser.add_argument("--max-side", type=int, default=1024,
                         help="downscale larger images to this longer side for the model (outputs keep the input size; "
                              "0: never)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: run the model under bf16 autocast (weights stay fp32; faster on GPUs)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per actor call")
     parser.add_argument("--concurrency", type=int, help="number of model actors (default: one per GPU, else one)")
     parser.add_argument("--num-cpus-per-actor", type=float, default=1.0, help="CPUs per actor on a CPU-only cluster")
@@ -51,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[InferOptions, argparse.Na
     opts = InferOptions(model=args.model, input=args.input, output=args.output, task=args.task,
                         protocol=args.protocol, preview=args.preview, max_side=args.max_side or None,
                         batch_size=args.batch_size, concurrency=args.concurrency,
-                        num_cpus_per_actor=args.num_cpus_per_actor, max_failed=args.max_failed)
+                        num_cpus_per_actor=args.num_cpus_per_actor, max_failed=args.max_failed, dtype=args.dtype)
     return opts, args
 
 

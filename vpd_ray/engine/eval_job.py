@@ -117,6 +117,7 @@ def _evaluate_on_worker(loop_config: dict[str, Any]) -> None:
     from vpd_ray.config import from_container
     from vpd_ray.data.pipeline import build_stream
     from vpd_ray.engine.evaluation import evaluate_task, report_metrics
+    from vpd_ray.engine.speed import autocast
 
     cfg = from_container(loop_config["config"])
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
@@ -134,14 +135,16 @@ def _evaluate_on_worker(loop_config: dict[str, Any]) -> None:
 
         if worst is not None:
             collectors[name] = report.Collector(task, worst)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, loop_config.get("dtype", "fp32")):
             metrics.update(evaluate_task(task, forward, stream, device, on_batch=collectors.get(name)))
     report_metrics(metrics, None if worst is None else report.checkpoint_files(collectors))
 
 
-def evaluate(cfg: DictConfig, checkpoint: str, report_dir: str | None = None, worst: int = 8) -> dict[str, float]:
-    """Metrics of ``checkpoint`` on the test shards, over ``cfg.scaling`` Ray workers; with
-    ``report_dir``, also the evaluation report there, ``worst`` samples per task drawn (:mod:`vpd_ray.report`)."""
+def evaluate(cfg: DictConfig, checkpoint: str, report_dir: str | None = None, worst: int = 8,
+             dtype: str = "fp32") -> dict[str, float]:
+    """Metrics of ``checkpoint`` on the test shards, over ``cfg.scaling`` Ray workers, the model in
+    ``dtype`` ("bf16": autocast); with ``report_dir``, also the evaluation report there, ``worst``
+    samples per task drawn (:mod:`vpd_ray.report`)."""
     import pyarrow.fs
     import ray
 
@@ -151,9 +154,9 @@ def evaluate(cfg: DictConfig, checkpoint: str, report_dir: str | None = None, wo
     from vpd_ray.package import WEIGHTS
 
     if not ray.is_initialized():
-        ray.init()
+        ray.init(log_to_driver=cfg.run.verbose)
     checkpoint = os.path.abspath(checkpoint)
-    loop_config: dict[str, Any] = {"checkpoint": checkpoint}
+    loop_config: dict[str, Any] = {"checkpoint": checkpoint, "dtype": dtype}
     # A checkpoint or run dir is consolidated once for all workers; a package each worker mmaps itself.
     if os.path.isdir(checkpoint) and not os.path.isfile(os.path.join(checkpoint, WEIGHTS)):
         loop_config["weights"] = share_checkpoint(checkpoint)

@@ -1,6 +1,7 @@
 """The speed options of a training worker (``train.tf32``, ``train.cudnn_benchmark``,
-``train.channels_last``, ``train.compile``, ``model.vae_dtype``), applied in one place so the trainer
-and ``python -m vpd_ray.bench gpu`` run the same code. Each is a plain PyTorch switch; none changes
+``train.channels_last``, ``train.compile``, ``model.vae_dtype``) and the ``--dtype`` of inference and
+evaluation, applied in one place so the trainer, ``infer``, ``evaluate`` and ``python -m vpd_ray.bench
+gpu`` run the same code. Each is a plain PyTorch switch; none changes
 what is computed beyond the stated tolerance (tests/test_speed.py), and each can be turned off.
 """
 
@@ -32,6 +33,12 @@ def prepare_model(model: torch.nn.Module, train: Any, compile_backend: str = "in
     if train.compile:
         model.backbone.unet.compile(backend=compile_backend)
     return model
+
+
+def autocast(device: torch.device, dtype: str) -> Any:
+    """Inference and evaluation in ``dtype`` ("fp32": as the weights are; "bf16": torch.autocast, the
+    weights stay fp32 and matmuls and convolutions run in bf16). Outputs are read as fp32 after."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
 def to_memory_format(images: torch.Tensor, train: Any) -> torch.Tensor:

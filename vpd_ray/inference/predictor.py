@@ -72,6 +72,7 @@ class Predictor:
         root: str = "",
         max_side: int | None = None,
         device: str | None = None,
+        dtype: str = "fp32",
     ):
         import torch
 
@@ -83,6 +84,7 @@ class Predictor:
         self.task = self.model.tasks[task]  # checked on the driver (runner.resolve_task)
         self.output_dir = Path(output_dir)
         self.protocol, self.preview, self.root, self.max_side = protocol, preview, root, max_side
+        self.dtype = dtype  # "bf16": autocast (vpd_ray.engine.speed.autocast)
 
     # --- one batch ----------------------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -178,9 +180,11 @@ class Predictor:
         """One stacked batch ``[B,H,W,3]`` uint8 -> per-image maps resized to ``sizes``."""
         import torch
 
+        from vpd_ray.engine.speed import autocast
+
         pixels = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 255.0  # [B,3,H,W]
         batch = self.task.inference_batch(pixels, inputs, self.protocol)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device, self.dtype):
             output = self.model.predict(self.task.name, batch) if self.protocol else self.model(self.task.name, batch)
         return [to_map(item, size) for item, size in zip(output, sizes)]
 

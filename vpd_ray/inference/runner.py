@@ -39,6 +39,7 @@ class InferOptions:
     concurrency: int | None = None  # actors; default: one per GPU, else one
     num_cpus_per_actor: float = 1.0
     max_failed: int | None = None  # stop once more rows than this failed; None: never stop early
+    dtype: str = "fp32"  # "bf16": the model under bf16 autocast
 
 
 @dataclasses.dataclass
@@ -130,7 +131,7 @@ def actor_resources(concurrency: int | None, num_cpus: float) -> dict[str, Any]:
 
 def predictor_kwargs(opts: InferOptions, source: sources.InferenceInput) -> dict[str, Any]:
     return {"package": opts.model, "output_dir": opts.output, "task": opts.task, "protocol": opts.protocol,
-            "preview": opts.preview, "root": source.root, "max_side": opts.max_side}
+            "preview": opts.preview, "root": source.root, "max_side": opts.max_side, "dtype": opts.dtype}
 
 
 def resolve_task(package: str, task: str | None) -> str:
