@@ -66,6 +66,27 @@ def say(loop_config: dict[str, Any], line: str) -> None:
         handle.put.remote(f"[vpd] {line}")
 
 
+class ConsoleStream:
+    """A text stream whose lines go to the run's console (:func:`say`): what a worker hands to
+    :func:`vpd_ray.progress.progress` for its periodic lines (never a terminal, so plain lines)."""
+
+    def __init__(self, loop_config: dict[str, Any]):
+        self.loop_config, self.pending = loop_config, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            say(self.loop_config, line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
 class Console:
     """Driver side, around ``fit``: ``with Console(run_dir) as console: ... {KEY: console.handle}``."""
 

@@ -117,9 +117,12 @@ def _evaluate_on_worker(loop_config: dict[str, Any]) -> None:
     from vpd_ray.config import from_container
     from vpd_ray.data.pipeline import build_stream
     from vpd_ray.engine.evaluation import evaluate_task, report_metrics
+    from vpd_ray.engine.console import ConsoleStream
     from vpd_ray.engine.speed import autocast
+    from vpd_ray.progress import progress
 
     cfg = from_container(loop_config["config"])
+    rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     model = load_model(cfg, loop_config["checkpoint"], loop_config.get("weights")).to(device)
     worst = loop_config.get("report_worst")
@@ -135,8 +138,20 @@ def _evaluate_on_worker(loop_config: dict[str, Any]) -> None:
 
         if worst is not None:
             collectors[name] = report.Collector(task, worst)
+        # rank 0's progress, a line every 10 s on the driver's console (its share of the split)
+        bar = progress(None, f"evaluate {name} (rank 0)", unit="sample", stream=ConsoleStream(loop_config))
+        collector = collectors.get(name)
+
+        def seen(batch: dict[str, Any], prediction: torch.Tensor, collector: Any = collector, bar: Any = bar) -> None:
+            if collector is not None:
+                collector(batch, prediction)
+            if rank == 0:
+                bar.update(batch["image"].shape[0])
+
         with torch.no_grad(), autocast(device, loop_config.get("dtype", "fp32")):
-            metrics.update(evaluate_task(task, forward, stream, device, on_batch=collectors.get(name)))
+            metrics.update(evaluate_task(task, forward, stream, device, on_batch=seen))
+        if rank == 0:
+            bar.close()
     report_metrics(metrics, None if worst is None else report.checkpoint_files(collectors))
 
 
@@ -148,8 +163,11 @@ def evaluate(cfg: DictConfig, checkpoint: str, report_dir: str | None = None, wo
     import pyarrow.fs
     import ray
 
+    import tempfile
+
     from vpd_ray import report
     from vpd_ray.engine import input_errors
+    from vpd_ray.engine.console import KEY, Console
     from vpd_ray.engine.train_job import torch_trainer
     from vpd_ray.package import WEIGHTS
 
@@ -164,7 +182,10 @@ def evaluate(cfg: DictConfig, checkpoint: str, report_dir: str | None = None, wo
         loop_config["report_worst"] = worst
     name = f"{cfg.run.name}-eval-{int(time.time())}"
     try:
-        result = input_errors.fit(lambda box: torch_trainer(eval_loop, {**loop_config, **box}, cfg, name))
+        # the console: rank 0's progress lines; a fault's traceback in a local errors.log of this job
+        with Console(tempfile.mkdtemp(prefix=f"{name}-")) as console:
+            loop_config[KEY] = console.handle
+            result = input_errors.fit(lambda box: torch_trainer(eval_loop, {**loop_config, **box}, cfg, name))
         scores = None if report_dir is None else report.from_checkpoint(result.checkpoint)
     finally:  # Ray Train's bookkeeping of this job; the metrics (and the report) are the output
         fs, root = pyarrow.fs.FileSystem.from_uri(cfg.run.storage_path)
