@@ -1,7 +1,7 @@
 """The bad-input matrix of training and evaluation (README "When something is wrong"): a
 deterministic error stops the run at once, without Ray Train's retries, as one line and exit 2;
 existing outputs stay byte-identical. A killed worker is still a fault that is retried and
-resumed (tests/test_train.py::test_fault_resumes_from_latest_checkpoint)."""
+resumed (tests/test_train.py::test_a_lost_node_shrinks_the_elastic_run_and_a_new_node_grows_it)."""
 
 import hashlib
 import io

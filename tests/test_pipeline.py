@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import functools
 import io
+import itertools
 import json
 import os
 import pickle
@@ -19,7 +20,7 @@ import torch
 from vpd_ray.data import pipeline
 from vpd_ray.data.augment import color
 from vpd_ray.data.augment import depth as aug
-from vpd_ray.data.decode import ForbiddenFieldError
+from vpd_ray.data.decode import CorruptSampleError, ForbiddenFieldError, decode_sample
 from vpd_ray.data.pipeline import build_stream, plan_epoch
 from vpd_ray.data.tario import expand_urls
 from vpd_ray.errors import DataError
@@ -189,10 +190,11 @@ def test_train_augment_shapes_and_geometry_match(monkeypatch):
     image, depth = _ramp()
     flips = 0
     for seed in range(20):
-        img_t, depth_t = aug.train_augment(image, depth, np.random.default_rng(seed), crop_hw=(32, 40))
+        img_t, depth_t, params = aug.train_augment(image, depth, np.random.default_rng(seed), crop_hw=(32, 40))
         assert img_t.shape == (3, 32, 40) and depth_t.shape == (1, 32, 40)
-        assert img_t.dtype == depth_t.dtype == torch.float32 and 0 <= img_t.min() and img_t.max() <= 1
-        expected = torch.from_numpy((depth_t[0].numpy() / 10 * 255).astype(np.uint8)).float() / 255
+        assert img_t.dtype == torch.uint8 and depth_t.dtype == torch.float32  # photometric steps: on the device
+        assert params.shape == (9,) and not params.any()  # every photometric step off
+        expected = torch.from_numpy((depth_t[0].numpy() / 10 * 255).astype(np.uint8))
         assert torch.equal(img_t[0], expected)  # image and depth were flipped and cropped together
         flips += bool(depth_t[0, 0, 0] > depth_t[0, 0, -1])
     assert 0 < flips < 20
@@ -209,18 +211,34 @@ def test_cut_depth_writes_truncated_metres_into_a_strip():
 def test_cut_depth_on_a_quarter_of_samples(monkeypatch):
     monkeypatch.setattr(aug, "PHOTOMETRIC_P", 0.0)
     image, depth = _ramp(8, 16)  # image values >= 12; a CutDepth strip holds 0..9
-    cut = sum(bool(aug.train_augment(image, depth, np.random.default_rng(s), (8, 16))[0].min() < 10 / 255)
+    cut = sum(bool(aug.train_augment(image, depth, np.random.default_rng(s), (8, 16))[0].min() < 10)
               for s in range(200))
     assert 30 <= cut <= 70
 
 
 def test_hsv_round_trip_and_eval_prepare():
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    back = color.hsv8_to_rgb(color.rgb_to_hsv8(image)).astype(int)
-    assert np.abs(back - image).max() <= 4  # 2-degree hue steps, as in OpenCV's 8-bit HSV
+    image = torch.from_numpy(rng.integers(0, 256, (1, 3, 16, 16), dtype=np.uint8)).float()
+    back = color.hsv8_to_rgb(color.rgb_to_hsv8(image))
+    assert (back - image).abs().max() <= 4  # 2-degree hue steps, as in OpenCV's 8-bit HSV
     img_t, depth_t = aug.eval_prepare(*_ramp())
     assert img_t.shape == (3, 48, 64) and depth_t.shape == (1, 48, 64)
+    assert img_t.dtype == torch.float32 and img_t.max() <= 1  # evaluation has no device step
+
+
+@pytest.mark.parametrize("subsampling, progressive", [(0, False), (2, False), (2, True)])
+def test_shard_jpegs_decode_as_pillow_decodes_them(subsampling, progressive):
+    """The fast JPEG decoder of shard samples gives Pillow's pixels; a truncated file is corrupt."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90, subsampling=subsampling, progressive=progressive)
+    data = buf.getvalue()
+    sample = decode_sample({"jpg": data}, "k", "x.tar", {"jpg"})
+    assert np.array_equal(sample["image"], np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    with pytest.raises(CorruptSampleError, match="key k, field jpg"):
+        decode_sample({"jpg": data[: len(data) // 2]}, "k", "x.tar", {"jpg"})
 
 
 def test_fsspec_url_without_manifest_is_counted_and_read(shards):
@@ -259,8 +277,37 @@ def test_rank_and_world_size_come_from_ray_train(ray_cluster, shards, tmp_path):
     assert sorted(results[0]["keys"] + results[1]["keys"]) == [f"k{i:04d}" for i in range(sum(COUNTS))]
 
 
+def _epochs(size: int, reads: list[int] | None = None, count: int = 10, start: int = 0):
+    """``shuffle_epochs``' input from epoch ``start``: ``count`` samples ``(epoch, i)`` an epoch, the order
+    drawn from ``default_rng(epoch)``; ``reads`` logs the epoch of each sample read."""
+    def samples(epoch):
+        for i in range(count):
+            if reads is not None:
+                reads.append(epoch)
+            yield epoch, i
+    return ((epoch, np.random.default_rng(epoch), samples(epoch), size) for epoch in itertools.count(start))
+
+
 def test_shuffle_buffer_of_zero_or_one_keeps_the_order():
-    from vpd_ray.data.pipeline import shuffle_buffer
+    from vpd_ray.data.pipeline import shuffle_epochs
 
     for size in (0, 1):
-        assert list(shuffle_buffer(iter(range(5)), size, np.random.default_rng(0))) == [0, 1, 2, 3, 4]
+        out = [sample for _, _, sample in itertools.islice(shuffle_epochs(_epochs(size, count=5)), 10)]
+        assert out == [(e, i) for e in (0, 1) for i in range(5)]
+
+
+def test_shuffle_epochs_fills_the_next_buffer_while_emptying_this_one():
+    """Each epoch comes out whole and in the order it has when shuffled alone (what a resume replays),
+    and past the first buffer no sample waits for more than one read: no burst at the boundary."""
+    from vpd_ray.data.pipeline import shuffle_epochs
+
+    reads: list[int] = []
+    read_before, out = [], []
+    for epoch, _, sample in itertools.islice(shuffle_epochs(_epochs(4, reads)), 30):
+        read_before.append(len(reads))
+        out.append(sample)
+        assert sample[0] == epoch  # with its own epoch's number and rng
+    assert [sorted(out[e * 10:(e + 1) * 10]) for e in range(3)] == [[(e, i) for i in range(10)] for e in range(3)]
+    alone = [s for e in (0, 1, 2) for _, _, s in itertools.islice(shuffle_epochs(_epochs(4, start=e)), 10)]
+    assert out == alone
+    assert read_before[0] == 5 and np.diff(read_before).max() <= 1  # the first buffer (4) + 1, then at most one each

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vpd_ray.data.augment.seg import (
+    draw_distortion,
     photometric_distortion,
     random_crop,
     reduce_zero_label,
@@ -121,10 +122,11 @@ def test_random_crop_cat_max_ratio_redraws_single_class_crops():
 
 def test_photometric_distortion_changes_colours_not_geometry():
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    outs = [photometric_distortion(image, np.random.default_rng(s)) for s in range(8)]
-    assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outs)
-    assert any(not np.array_equal(o, image) for o in outs)
+    image = torch.from_numpy(rng.integers(0, 256, (1, 3, 16, 16), dtype=np.uint8))
+    outs = [photometric_distortion(image, torch.from_numpy(draw_distortion(np.random.default_rng(s)))[None])
+            for s in range(8)]
+    assert all(o.shape == image.shape and torch.equal(o, o.round()) and 0 <= o.min() and o.max() <= 255 for o in outs)
+    assert any(not torch.equal(o, image.float()) for o in outs)
 
 
 def test_train_augment_pads_small_crops_with_ignore():
@@ -132,9 +134,10 @@ def test_train_augment_pads_small_crops_with_ignore():
     image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
     label = rng.integers(0, 3, (40, 60)).astype(np.uint8)
     # scale (128, 32) with ratio 1 shrinks the short side to 32 < crop 64: everything outside is padding
-    img, lab = seg_train_augment(image, label, rng, scale=(128, 32), ratio_range=(1.0, 1.0), crop_hw=(64, 64))
-    assert img.shape == (3, 64, 64) and lab.shape == (64, 64)
-    assert (lab[32:] == 255).all() and (img[:, 32:] == 0.5).all()
+    out = seg_train_augment(image, label, rng, scale=(128, 32), ratio_range=(1.0, 1.0), crop_hw=(64, 64))
+    img, lab = out["image"], out["label"]
+    assert img.shape == (3, 64, 64) and lab.shape == (64, 64) and img.dtype == lab.dtype == torch.uint8
+    assert (lab[32:] == 255).all() and out["image_hw"].tolist() == [32, 48]  # the device fills the image's 0.5
     assert set(lab[:32, :48].unique().tolist()) <= {0, 1, 2}
 
 

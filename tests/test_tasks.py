@@ -54,7 +54,8 @@ def test_task_trains_every_parameter(task_and_model):
     task, model = task_and_model
     samples = synthetic_samples(task.name, 2, task.fields)
     rng = np.random.default_rng(0)
-    batch = torch.utils.data.default_collate([task.train_transform(s, rng) for s in samples])
+    batch = task.augment_on_device(torch.utils.data.default_collate([task.train_transform(s, rng) for s in samples]))
+    assert batch["image"].dtype == torch.float32  # what the backbone takes, as the training step hands it over
     model.train()
     loss = task.loss(model(task.name, batch), batch)
     assert loss.ndim == 0 and math.isfinite(loss.item())

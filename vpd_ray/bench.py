@@ -1,4 +1,4 @@
-"""``python -m vpd_ray.bench data|train|infer|export [...]``: the benchmarks, each printing a table.
+"""``python -m vpd_ray.bench data|train|infer|export|gpu [...]``: the benchmarks, each printing a table.
 
 Each subcommand lives in ``vpd_ray/benchmarks/<name>.py`` as ``main(argv) -> int`` and is imported
 only when asked for, so one benchmark's heavy dependencies never slow another.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("data", "train", "infer", "export")
+BENCHMARKS = ("data", "train", "infer", "export", "gpu")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,9 @@ import torch
 # A decoded shard sample: "__key__", "__url__", "image" (uint8 HxWx3 numpy), "meta" (dict from the
 # json field) and the task's label fields ("depth": float32 HxW metres, "label"/"mask": uint8 HxW).
 Sample = dict[str, Any]
-# A collated batch: "image" float32 [B,3,H,W] in [0,1] plus the task's tensors.
+# A collated batch: "image" float32 [B,3,H,W] in [0,1] plus the task's tensors. Train batches of depth
+# and seg cross the host-to-device copy as uint8 with their photometric parameters, and become that
+# in ``Task.augment_on_device``.
 Batch = dict[str, Any]
 
 

@@ -41,10 +41,12 @@ def bare_seconds_per_step(cfg: Any, steps: int, warmup: int) -> float:
     optimizer = torch.optim.AdamW(groups)
     stepper = Stepper(TorchEngine(model, optimizer, grad_clip=cfg.train.grad_clip), model.tasks,
                       model.backbone.encode, seed=cfg.run.seed)
-    return _seconds_per_step(stepper, name, _batches(cfg, task, warmup + steps), warmup)
+    return seconds_per_step(stepper, name, _batches(cfg, task, warmup + steps), warmup)
 
 
-def _seconds_per_step(stepper: Any, name: str, batches: list[dict[str, Any]], warmup: int) -> float:
+def seconds_per_step(stepper: Any, name: str, batches: list[dict[str, Any]], warmup: int) -> float:
+    """Mean wall time of the product's steps over ``batches`` after the first ``warmup`` of them, with
+    no device sync inside the timed steps (as the trainer runs them); shared with ``bench gpu``."""
     it = iter(batches)
     for step in range(warmup):
         stepper.step(step, {name: it})
@@ -65,7 +67,7 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     trainer = Trainer(cfg, loop_config)
     name, task = next(iter(trainer.tasks.items()))
     batches = _batches(cfg, task, loop_config["warmup"] + loop_config["steps"])
-    report_metrics({"seconds_per_step": _seconds_per_step(trainer.stepper, name, batches, loop_config["warmup"])})
+    report_metrics({"seconds_per_step": seconds_per_step(trainer.stepper, name, batches, loop_config["warmup"])})
 
 
 def ray_seconds_per_step(cfg: Any, steps: int, warmup: int) -> float:

@@ -12,6 +12,13 @@ Decoded sample (see docs/architecture.md): ``image`` uint8 HxWx3, ``depth`` floa
 Images that cannot be shown as 8-bit RGB as they are (16-bit, palette, alpha, CMYK, grayscale) are
 converted as a viewer shows them or refused with a ValueError naming why (:func:`decode_image`),
 never clipped; 8-bit RGB, every training shard's image, is returned exactly as stored.
+
+Decoders, picked by measurement (docs/benchmarks.md, Data): colour (YCbCr) JPEGs of shard samples go
+through simplejpeg, libjpeg-turbo called directly, about 2x faster than Pillow's decode of the same
+file (Pillow reads through its plugin layer and copies the result twice) and pixel-identical to it
+(same library, same default IDCT and upsampling). Everything else (grey or CMYK JPEGs, EXIF
+orientation, PNGs, 16-bit depth) takes Pillow: for 16-bit PNGs OpenCV is no faster (zlib and the
+PNG row filters are the cost in both), so it would be a 60 MB dependency for nothing.
 """
 
 from __future__ import annotations
@@ -63,16 +70,35 @@ def _open_image(data: bytes):
     return image
 
 
+def _colour_jpeg(data: bytes) -> np.ndarray | None:
+    """A YCbCr JPEG (every photo a camera or a dataset stores) -> uint8 ``[H, W, 3]`` RGB via simplejpeg;
+    None for anything else (not a JPEG, grey, CMYK), which Pillow decodes. Corrupt or truncated data
+    raises, as Pillow would."""
+    import simplejpeg
+
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    height, width, colourspace, _ = simplejpeg.decode_jpeg_header(data)
+    if colourspace != "YCbCr":
+        return None
+    if min(height, width) < MIN_SIDE:
+        raise ValueError(f"image is {width}x{height} px; the model needs at least {MIN_SIDE} px a side")
+    return simplejpeg.decode_jpeg(data, "RGB")
+
+
 def decode_image(data: bytes, orient: bool = True) -> np.ndarray:
     """Image bytes -> uint8 ``[H, W, 3]`` RGB as a viewer shows the file, or a ValueError saying why not.
 
     ``orient``: apply the EXIF orientation (a phone photo stored sideways). Shard samples are decoded
     without it (:func:`decode_sample`), since their label, mask and depth fields are aligned with the
-    stored pixels (COCO's masks ignore the EXIF orientation of its photos). Images smaller than
-    :data:`MIN_SIDE` a side are refused. See :func:`to_rgb` for the conversions.
+    stored pixels (COCO's masks ignore the EXIF orientation of its photos); without it a colour JPEG
+    takes the fast decoder (:func:`_colour_jpeg`). Images smaller than :data:`MIN_SIDE` a side are
+    refused. See :func:`to_rgb` for the conversions.
     """
     from PIL import ImageOps
 
+    if not orient and (rgb := _colour_jpeg(data)) is not None:
+        return rgb
     image = _open_image(data)
     if orient:
         ImageOps.exif_transpose(image, in_place=True)

@@ -9,10 +9,13 @@ Counts come from the ``manifest.json`` beside the shards (or one header scan per
 
 - Train: an infinite stream. Each slot walks its range of epoch ``start_epoch``, then of the next
   epoch, ..., through a shuffle buffer (flushed at the end of each epoch), so within every epoch
-  each sample is seen exactly once across all ranks. Batches are always full, and because every
-  rank's stream is endless no rank runs out while another still steps (the trainer runs
-  ``steps_per_epoch`` steps per epoch, the same number on every rank). Needs at least one sample
-  per slot.
+  each sample is seen exactly once across all ranks. ``data.shuffle_buffer`` is per loader slot: each
+  worker holds at most that many encoded samples, and never more than its share of the epoch; the
+  next epoch's buffer fills while the last one's empties (:func:`shuffle_epochs`), so the loader
+  does not stall at an epoch boundary, only a stream's start waits for one buffer of reads.
+  Batches are always full, and because every rank's stream is endless no rank runs out while
+  another still steps (the trainer runs ``steps_per_epoch`` steps per epoch, the same number on
+  every rank). Needs at least one sample per slot.
 - Eval: one pass in listed order; each sample exactly once across ranks, nothing dropped, the last
   batch of a worker may be short. Ranks may differ by one batch, so an eval loop must not run a
   collective per batch (all-reduce metric sums once at the end).
@@ -20,7 +23,10 @@ Counts come from the ``manifest.json`` beside the shards (or one header scan per
 Transforms: ``transform(sample, rng)`` for train (``rng`` a numpy Generator seeded from seed,
 epoch and slot) and ``transform(sample)`` for eval, i.e. ``task.train_transform`` /
 ``task.eval_transform``. Each returns a dict of fixed-shape tensors; the stream adds
-``"__key__"`` (list of str in a batch) and, for train, ``"__epoch__"`` (int64 tensor).
+``"__key__"`` (list of str in a batch) and, for train, ``"__epoch__"`` (int64 tensor). Train images
+leave as uint8 and the photometric augmentation waits for the device (``Task.augment_on_device``), so
+a loader core does decode, flip, crop and collate only; on CUDA hosts batches come in pinned memory,
+so the copy to the GPU is asynchronous.
 """
 
 from __future__ import annotations
@@ -90,21 +96,39 @@ def epoch_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[i
     return [int(i) for i in np.random.default_rng(seed + epoch).permutation(num_shards)]
 
 
-def shuffle_buffer(samples: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
-    """Yield ``samples`` in a random order using a buffer of ``size`` (1 or less: unchanged)."""
-    if size <= 1:
-        yield from samples
-        return
-    buffer: list[Any] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        i = int(rng.integers(len(buffer)))
-        buffer[i], sample = sample, buffer[i]
-        yield sample
-    rng.shuffle(buffer)
-    yield from buffer
+Epoch = tuple[int, np.random.Generator, Iterator[Any], int]  # (epoch, rng, samples, buffer size)
+
+
+def shuffle_epochs(epochs: Iterator[Epoch]) -> Iterator[tuple[int, np.random.Generator, Any]]:
+    """Each epoch's samples in a random order through a buffer, epoch after epoch: ``(epoch, rng, sample)``.
+
+    The buffer fills with an epoch's first ``size`` samples, then each further sample goes in at a
+    place drawn from the epoch's ``rng`` and the one there comes out; at the end the rest is shuffled and
+    comes out (``size`` 1 or less: the order as read, no draws). So within an epoch every sample comes
+    out once.
+
+    No stall at the epoch boundary: while an epoch's buffer empties, the next epoch's fills, one read
+    per sample yielded, so only a stream's first epoch waits for a full buffer. Filling draws nothing,
+    so an epoch's order and draws are those of the epoch shuffled alone: resuming at any epoch replays it.
+    """
+    epoch, rng, samples, size = next(epochs)
+    head: list[Any] = list(itertools.islice(samples, size if size > 1 else 0))
+    while True:
+        buffer = head
+        for sample in samples:
+            if buffer:
+                i = int(rng.integers(len(buffer)))
+                buffer[i], sample = sample, buffer[i]
+            yield epoch, rng, sample
+        rng.shuffle(buffer)
+        next_epoch, next_rng, samples, size = next(epochs)
+        size = size if size > 1 else 0
+        head = []
+        for sample in buffer:  # the next epoch's buffer fills while this one empties
+            head.extend(itertools.islice(samples, 1 if len(head) < size else 0))
+            yield epoch, rng, sample
+        head.extend(itertools.islice(samples, size - len(head)))
+        epoch, rng = next_epoch, next_rng
 
 
 class ShardDataset(IterableDataset):
@@ -126,22 +150,28 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot = self._slot()
         if not self.train:
-            yield from self._epoch(slot, epoch=0)
+            for url, key, fields in self._raw(self._pieces(slot, epoch=0)):
+                if (sample := self._decoded(url, key, fields)) is not None:
+                    yield {**self.transform(sample), "__key__": key}
             return
-        for epoch in itertools.count(self.start_epoch):
-            yield from self._epoch(slot, epoch)
-
-    def _epoch(self, slot: int, epoch: int) -> Iterator[dict[str, Any]]:
-        order = epoch_order(len(self.urls), self.seed, epoch, shuffle=self.train)
-        raw = self._raw(plan_epoch(self.counts, self.world_size * self.num_workers, order)[slot])
-        if not self.train:
-            for sample in self._decoded(raw):
-                yield {**self.transform(sample), "__key__": sample["__key__"]}
-            return
-        rng = np.random.default_rng((self.seed, epoch, slot))
         # The buffer holds encoded bytes (a third of a decoded NYU sample's memory); decode after it.
-        for sample in self._decoded(shuffle_buffer(raw, self.buffer, rng)):
-            yield {**self.transform(sample, rng), "__key__": sample["__key__"], "__epoch__": epoch}
+        for epoch, rng, (url, key, fields) in shuffle_epochs(self._train_epochs(slot)):
+            if (sample := self._decoded(url, key, fields)) is not None:
+                yield {**self.transform(sample, rng), "__key__": key, "__epoch__": epoch}
+
+    def _pieces(self, slot: int, epoch: int) -> list[Piece]:
+        order = epoch_order(len(self.urls), self.seed, epoch, shuffle=self.train)
+        return plan_epoch(self.counts, self.world_size * self.num_workers, order)[slot]
+
+    def _train_epochs(self, slot: int) -> Iterator[Epoch]:
+        """Per epoch from ``start_epoch`` on: ``(epoch, rng, raw samples, buffer size)`` for
+        :func:`shuffle_epochs`. The rng (from seed, epoch and slot) draws the order and then the
+        transform's augmentation; the buffer is ``shuffle_buffer`` or the slot's share of the epoch,
+        whichever is smaller (a bigger one would only delay the first sample)."""
+        for epoch in itertools.count(self.start_epoch):
+            pieces = self._pieces(slot, epoch)
+            size = min(self.buffer, sum(take for _, _, take in pieces))
+            yield epoch, np.random.default_rng((self.seed, epoch, slot)), self._raw(pieces), size
 
     def _raw(self, pieces: list[Piece]) -> Iterator[tuple[str, str, dict[str, bytes]]]:
         """``(url, key, {ext: bytes})`` of this slot's pieces; a truncated shard counts as corrupt."""
@@ -153,12 +183,13 @@ class ShardDataset(IterableDataset):
             except TruncatedShardError as err:
                 self._count_corrupt(str(err))
 
-    def _decoded(self, raw: Iterator[tuple[str, str, dict[str, bytes]]]) -> Iterator[dict[str, Any]]:
-        for url, key, fields in raw:
-            try:
-                yield decode_sample(fields, key, url, self.wanted)
-            except CorruptSampleError as err:
-                self._count_corrupt(str(err))
+    def _decoded(self, url: str, key: str, fields: dict[str, bytes]) -> dict[str, Any] | None:
+        """The decoded sample, or None for a corrupt one (counted)."""
+        try:
+            return decode_sample(fields, key, url, self.wanted)
+        except CorruptSampleError as err:
+            self._count_corrupt(str(err))
+            return None
 
     def _count_corrupt(self, what: str) -> None:
         self.corrupt += 1
@@ -196,13 +227,16 @@ class Stream:
 def build_stream(urls: str | list[str], transform: Callable, *, train: bool, batch_size: int | None, seed: int = 0,
                  fields: tuple[str, ...] | None = None, num_workers: int = 2, shuffle_buffer: int = 256,
                  max_corrupt: int = 10, rank: int | None = None, world_size: int | None = None,
-                 start_epoch: int = 0) -> Stream:
+                 start_epoch: int = 0, pin_memory: bool | None = None) -> Stream:
     """A train (infinite, shuffled, full batches) or eval (one pass, in order) stream of batches.
 
     ``urls``: brace pattern / comma list / list / directory / fsspec URLs. ``fields``: the shard
     fields to decode and require (the task's ``fields``; None: whichever known fields a sample has). ``batch_size=None`` yields single samples uncollated.
     ``max_corrupt``: corrupt samples tolerated per loader worker before the run fails.
     ``start_epoch``: the epoch to resume from (``Stream.epoch`` of the checkpoint).
+    ``shuffle_buffer``: encoded samples per loader slot (train; see the module docstring).
+    ``pin_memory``: batches in page-locked memory for asynchronous host-to-GPU copies (None: when
+    CUDA is available; a no-op on CPU-only hosts).
     Raises :class:`~vpd_ray.errors.DataError` for shards whose manifest marks an incomplete conversion.
     """
     rank, world_size = resolve_rank(rank, world_size)
@@ -217,7 +251,8 @@ def build_stream(urls: str | list[str], transform: Callable, *, train: bool, bat
                            max_corrupt=max_corrupt, start_epoch=start_epoch)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=torch.utils.data.default_collate if batch_size else _identity,
-                        persistent_workers=False)
+                        persistent_workers=False,
+                        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
     return Stream(dataset, loader, batch_size)
 
 

@@ -40,7 +40,6 @@ from vpd_ray.paths import human_bytes
 # worker's stdout and logs it, so every printed line reached the driver twice.
 log = logging.getLogger(__name__)
 
-FAULT_MARKER = ".fault_injected"
 
 
 def detach_vae(model: torch.nn.Module) -> torch.nn.Module:
@@ -272,17 +271,6 @@ class Trainer:
             log.info(f"[vpd] {line}")
         append_event(self.run_dir, line)
 
-    def _maybe_fail(self, step: int) -> None:
-        """Test hook: the last rank dies once at ``fail_once_at_step`` (a marker file makes it once)."""
-        at = self.extra.get("fail_once_at_step")
-        marker = os.path.join(self.run_dir, FAULT_MARKER)
-        if at is None or step != at or self.rank != self.world - 1 or os.path.exists(marker):
-            return
-        with open(marker, "w") as f:
-            f.write(str(step))
-        log.warning(f"[vpd] fault injection: rank {self.rank} exits at step {step}")
-        os._exit(1)
-
     def tensorboard(self) -> Any:
         """Rank 0's SummaryWriter on ``<run dir>/tensorboard`` (made on first use)."""
         if self.writer is None:
@@ -342,7 +330,6 @@ class Trainer:
             elif t.checkpoint.weights_every and step % t.checkpoint.weights_every == 0:
                 self.save_weights()
                 tick = time.perf_counter()
-            self._maybe_fail(step)
         if self.writer is not None:
             self.writer.close()
 

@@ -24,12 +24,18 @@ def configure_backends(train: Any, device: torch.device) -> None:
 
 
 def prepare_model(model: torch.nn.Module, train: Any, compile_backend: str = "inductor") -> torch.nn.Module:
-    """NHWC weights (``channels_last``) and the UNet compiled in place (``compile``), before DeepSpeed
-    wraps the model. ``Module.compile`` keeps the module and its state-dict keys (``torch.compile(m)``
-    would prefix them with ``_orig_mod.``), so checkpoints and packages are the same either way; the
-    taps and the attention-map processors run inside the compiled forward."""
+    """NHWC (``channels_last``) and the UNet compiled in place (``compile``), before DeepSpeed wraps the
+    model.
+
+    channels_last converts only the frozen VAE's weights: the weights DeepSpeed trains must stay
+    contiguous (ZeRO broadcasts them as bytes and keeps them as views of its flat buffers). The
+    images (:func:`to_memory_format`) and so the latents and every activation after them are NHWC,
+    and a convolution runs in its input's memory format, whatever its weight's.
+    ``Module.compile`` keeps the module and its state-dict keys (``torch.compile(m)`` would prefix
+    them with ``_orig_mod.``), so checkpoints and packages are the same either way; the taps and the
+    attention-map processors run inside the compiled forward."""
     if train.channels_last:
-        model.to(memory_format=torch.channels_last)
+        model.backbone.vae.to(memory_format=torch.channels_last)
     if train.compile:
         model.backbone.unet.compile(backend=compile_backend)
     return model

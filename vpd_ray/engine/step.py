@@ -112,6 +112,7 @@ class Stepper:
 
     def loss(self, task_name: str, batch: dict[str, Any]) -> torch.Tensor:
         task = self.tasks[task_name]
+        batch = task.augment_on_device(batch)
         outputs = self.engine(task_name, batch, latents=self.encode(batch["image"]))
         return task.loss(float_outputs(outputs), batch) * task.cfg.loss_weight
 

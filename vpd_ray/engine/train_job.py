@@ -1,7 +1,5 @@
 """The training job, driver side: build the ``TorchTrainer`` (the one helper every Ray Train run of
 the project uses), fit or resume the run, and export its best checkpoint as a model package.
-
-Test hook: ``VPD_FAIL_ONCE_AT_STEP=N`` makes the last worker exit once after step N.
 """
 
 from __future__ import annotations
@@ -10,8 +8,6 @@ import os
 from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
-
-FAIL_ENV = "VPD_FAIL_ONCE_AT_STEP"
 
 
 def torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any], cfg: DictConfig, name: str, *,
@@ -138,8 +134,6 @@ def fit(cfg: DictConfig, deferred: list | None = None, callbacks: Sequence[Any] 
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(to_yaml(cfg))
     extra = {}
-    if os.environ.get(FAIL_ENV):
-        extra["fail_once_at_step"] = int(os.environ[FAIL_ENV])
     start = time.perf_counter()
     with run_console.Console(run_dir) as console:
         extra[run_console.KEY] = console.handle

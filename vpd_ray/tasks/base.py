@@ -3,7 +3,8 @@
 Data flows one way and a task plugs in at both ends::
 
     shard sample --decode--> dict --task.train_transform/eval_transform--> fixed-shape tensors
-      --collate--> batch --task.context + backbone + head--> outputs --task.loss--> scalar
+      --collate--> batch --to device (--task.augment_on_device, train)
+      --task.context + backbone + head--> outputs --task.loss--> scalar
                                                   \\--task.predict (test-time protocol)--> prediction
                                                         --task.metric().update--> summed state
 
@@ -120,6 +121,17 @@ class Task:
 
     def eval_transform(self, sample: Sample) -> dict[str, Any]:
         raise NotImplementedError
+
+    def augment_on_device(self, batch: Batch) -> Batch:
+        """The rest of ``train_transform``, on a collated train batch after the host-to-device copy: the
+        image-only steps (photometric augmentation) as batched ops, with the per-sample parameters the
+        transform drew on the CPU, and the uint8 image made float ``[B,3,H,W]`` in [0,1] for the backbone.
+
+        Why here: those steps cost most of a sample's CPU time and are cheap on an accelerator, and
+        drawing their parameters in the transform keeps seeding and resume exact. Must not read device
+        values on the host (the training step's one sync is its loss flag). Default: nothing to do.
+        """
+        return batch
 
     # --- inference side -------------------------------------------------------------------------
     def inference_batch(self, pixels: torch.Tensor, inputs: list[dict[str, Any]], protocol: bool) -> Batch:

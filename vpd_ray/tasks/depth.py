@@ -147,8 +147,17 @@ class DepthTask(Task):
     def train_transform(self, sample: Sample, rng: Any) -> dict[str, Any]:
         from vpd_ray.data.augment.depth import train_augment
 
-        image, depth = train_augment(sample["image"], sample["depth"], rng, tuple(self.cfg.crop_size))
-        return {"image": image, "depth": depth, "class_id": self._class_id(sample)}
+        image, depth, params = train_augment(sample["image"], sample["depth"], rng, tuple(self.cfg.crop_size))
+        return {"image": image, "depth": depth, "class_id": self._class_id(sample), "photometric": params}
+
+    def augment_on_device(self, batch: Batch) -> Batch:
+        """Brightness/contrast, gamma and HSV with the transform's parameters; uint8 image -> float [0,1].
+        A batch without ``photometric`` (built by hand, already float) passes as it is."""
+        from vpd_ray.data.augment.depth import photometric
+
+        if "photometric" not in batch:
+            return batch
+        return {**batch, "image": photometric(batch["image"], batch["photometric"]) / 255}
 
     def eval_transform(self, sample: Sample) -> dict[str, Any]:
         from vpd_ray.data.augment.depth import eval_transform

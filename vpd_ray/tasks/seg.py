@@ -213,11 +213,20 @@ class SegTask(Task):
     def train_transform(self, sample: Sample, rng: Any) -> dict[str, Any]:
         from vpd_ray.data.augment.seg import seg_train_augment
 
-        image, label = seg_train_augment(
+        return seg_train_augment(
             sample["image"], self._label(sample), rng, self.cfg.scale, self.cfg.ratio_range, tuple(self.cfg.crop_size),
             self.cfg.cat_max_ratio,
         )  # fmt: skip
-        return {"image": image, "label": label}
+
+    def augment_on_device(self, batch: Batch) -> Batch:
+        """mmseg's photometric distortion with the transform's parameters, then the image padding (0.5);
+        uint8 image -> float [0,1]. A batch without ``photometric`` (built by hand, already float) passes as it is."""
+        from vpd_ray.data.augment.seg import fill_padding, photometric_distortion
+
+        if "photometric" not in batch:
+            return batch
+        image = photometric_distortion(batch["image"], batch["photometric"]) / 255
+        return {**batch, "image": fill_padding(image, batch["image_hw"])}
 
     def inference_batch(self, pixels: torch.Tensor, inputs: list[dict[str, Any]], protocol: bool) -> Batch:
         return {"image": pixels}  # the context is every class embedding, whatever the image

@@ -6,6 +6,12 @@ brightness/contrast (p 0.5, limits 0.2, brightness relative to 255) -> gamma (p 
 -> hue/saturation/value (p 0.5, shifts 20/30/20 in OpenCV's 8-bit HSV) -> to tensors (/255).
 Photometric steps touch the image only; flip and crop apply to both.
 
+Where each part runs: CutDepth, flip and crop on the CPU (:func:`train_augment`, in the loader); the
+photometric steps come last, touch nothing the CPU needs, and cost most of a sample's CPU time (an HSV
+round trip), so the transform only draws their parameters (:func:`draw_photometric`, same draws in the
+same order as the reference) and the batch gets them on the training device after the copy
+(:func:`photometric`, via ``DepthTask.augment_on_device``), the image crossing as uint8.
+
 Two deliberate choices, both documented in docs/architecture.md:
 - "Every 4th sample": the reference counts samples per loader worker (``count % 4 == 0``), which
   on shuffled data is a 1-in-4 draw; here it is a draw with probability 0.25 from the sample's
@@ -20,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vpd_ray.data.augment.color import hsv8_to_rgb, rgb_to_hsv8
+from vpd_ray.data.augment.color import apply_lut, hsv8_to_rgb, identity_lut, per_sample, rgb_to_hsv8
 
 CUTDEPTH_P = 0.25
 CUTDEPTH_MAX_SHARE = 0.75  # the reference's p: the strip is at most 3/4 of the width to its right
@@ -28,6 +34,9 @@ FLIP_P = PHOTOMETRIC_P = 0.5
 BRIGHTNESS_LIMIT = CONTRAST_LIMIT = 0.2
 GAMMA_RANGE = (0.8, 1.2)
 HUE_SHIFT, SAT_SHIFT, VAL_SHIFT = 20, 30, 20
+# draw_photometric's vector: each step's on-flag (0/1) and values; brightness in 8-bit levels (beta * 255).
+PHOTOMETRIC_FIELDS = ("contrast_brightness_on", "contrast", "brightness", "gamma_on", "gamma",
+                      "hsv_on", "hue_shift", "saturation_shift", "value_shift")
 
 
 def cut_depth(image: np.ndarray, depth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -51,40 +60,67 @@ def random_crop(image: np.ndarray, depth: np.ndarray, crop_hw: tuple[int, int],
     return image[top:top + ch, left:left + cw], depth[top:top + ch, left:left + cw]
 
 
-def _apply_lut(image: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    return lut.astype(np.uint8)[image]
+def draw_photometric(rng: np.random.Generator) -> np.ndarray:
+    """The photometric steps' parameters, float64 ``[9]`` (see :data:`PHOTOMETRIC_FIELDS`), drawn from ``rng``
+    exactly as the reference's steps draw them: each step on with p 0.5, then its values.
+
+    Drawn here, in the CPU transform, so the sample's stream of draws (and so seeding and resume) is the
+    reference's; :func:`photometric` applies them on the device. float64, as the reference's LUTs use them.
+    """
+    params = np.zeros(len(PHOTOMETRIC_FIELDS))
+    if rng.random() < PHOTOMETRIC_P:
+        alpha = 1.0 + rng.uniform(-CONTRAST_LIMIT, CONTRAST_LIMIT)
+        params[0:3] = 1, alpha, rng.uniform(-BRIGHTNESS_LIMIT, BRIGHTNESS_LIMIT) * 255
+    if rng.random() < PHOTOMETRIC_P:
+        params[3:5] = 1, rng.uniform(*GAMMA_RANGE)
+    if rng.random() < PHOTOMETRIC_P:
+        params[5:9] = 1, rng.uniform(-HUE_SHIFT, HUE_SHIFT), rng.uniform(-SAT_SHIFT, SAT_SHIFT), \
+            rng.uniform(-VAL_SHIFT, VAL_SHIFT)
+    return params
 
 
-def brightness_contrast(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    alpha = 1.0 + rng.uniform(-CONTRAST_LIMIT, CONTRAST_LIMIT)
-    beta = rng.uniform(-BRIGHTNESS_LIMIT, BRIGHTNESS_LIMIT)
-    return _apply_lut(image, np.clip(np.arange(256, dtype=np.float32) * alpha + beta * 255, 0, 255))
+def _level_lut(params: torch.Tensor) -> torch.Tensor:
+    """Brightness/contrast then gamma as one 8-bit lookup table per sample ``[B, 256]`` (whole values).
+
+    Each reference step is a uint8 -> uint8 table (contrast/brightness in float32, gamma in float64, both
+    truncated), so applying the second to the first's entries is the two steps applied in turn.
+    """
+    ramp = identity_lut(len(params), params.device)
+    alpha, beta, gamma = params[:, 1, None], params[:, 2, None], params[:, 4, None]
+    levels = per_sample(params[:, 0], (ramp * alpha.float() + beta.float()).clamp(0, 255).trunc(), ramp)
+    return per_sample(params[:, 3], ((levels.double() / 255.0) ** gamma * 255).trunc().float(), levels)
 
 
-def gamma(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    g = rng.uniform(*GAMMA_RANGE)
-    return _apply_lut(image, (np.arange(256) / 255.0) ** g * 255)
+def _shift_hsv(rgb: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """The reference's hue/saturation/value step: ``[B,3,H,W]`` whole RGB values, ``[B,3]`` shifts (dh, ds, dv)."""
+    h, s, v = rgb_to_hsv8(rgb).unbind(1)
+    dh, ds, dv = (shifts[:, i, None, None].float() for i in range(3))
+    hsv = [torch.remainder(h + dh, 180), (s + ds).clamp(0, 255), (v + dv).clamp(0, 255)]
+    return hsv8_to_rgb(torch.stack(hsv, 1).trunc())
 
 
-def hue_saturation_value(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    dh, ds, dv = rng.uniform(-HUE_SHIFT, HUE_SHIFT), rng.uniform(-SAT_SHIFT, SAT_SHIFT), rng.uniform(-VAL_SHIFT, VAL_SHIFT)
-    hsv = rgb_to_hsv8(image)
-    ramp = np.arange(256, dtype=np.float32)
-    luts = (np.mod(ramp + dh, 180), np.clip(ramp + ds, 0, 255), np.clip(ramp + dv, 0, 255))
-    shifted = np.stack([_apply_lut(hsv[..., c], luts[c]) for c in range(3)], -1)
-    return hsv8_to_rgb(shifted)
+def photometric(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """The photometric steps on a batch, where it lies (the training device): uint8 ``[B,3,H,W]`` and
+    :func:`draw_photometric`'s ``[B,9]`` -> float32 ``[B,3,H,W]`` of whole values 0..255.
+
+    Every step runs on every sample and a sample's flag picks the result, so nothing reads a value on
+    the host; a sample's result does not depend on the rest of the batch.
+    """
+    x = apply_lut(images, _level_lut(params))
+    return per_sample(params[:, 5], _shift_hsv(x, params[:, 6:9]), x)
 
 
 def to_tensors(image: np.ndarray, depth: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 HxWx3 + float HxW -> float32 [3,H,W] in [0,1] and float32 [1,H,W] metres."""
-    image_t = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1).div_(255)  # astype: a writable copy
+    """uint8 HxWx3 + float HxW -> uint8 [3,H,W] and float32 [1,H,W] metres (contiguous copies)."""
+    image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
     depth_t = torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))[None]
     return image_t, depth_t
 
 
 def train_augment(image: np.ndarray, depth: np.ndarray, rng: np.random.Generator,
-                  crop_hw: tuple[int, int] = (480, 480)) -> tuple[torch.Tensor, torch.Tensor]:
-    """VPD's NYU train augmentation: ``(uint8 [H,W,3], float32 [H,W] m) -> ([3,h,w] in [0,1], [1,h,w] m)``."""
+                  crop_hw: tuple[int, int] = (480, 480)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VPD's NYU train augmentation, the CPU part: ``(uint8 [H,W,3], float32 [H,W] m) -> (uint8 [3,h,w],
+    [1,h,w] m, photometric parameters float64 [9])``; :func:`photometric` finishes the image on the device."""
     if image.shape[:2] != depth.shape:
         raise ValueError(f"image {image.shape[:2]} and depth {depth.shape} differ in size")
     if rng.random() < CUTDEPTH_P:
@@ -92,15 +128,14 @@ def train_augment(image: np.ndarray, depth: np.ndarray, rng: np.random.Generator
     if rng.random() < FLIP_P:
         image, depth = image[:, ::-1], depth[:, ::-1]
     image, depth = random_crop(image, depth, crop_hw, rng)
-    for step in (brightness_contrast, gamma, hue_saturation_value):
-        if rng.random() < PHOTOMETRIC_P:
-            image = step(image, rng)
-    return to_tensors(image, depth)
+    return (*to_tensors(image, depth), torch.from_numpy(draw_photometric(rng)))
 
 
 def eval_prepare(image: np.ndarray, depth: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """No augmentation: the same tensors as :func:`train_augment` returns, at full size."""
-    return to_tensors(image, depth)
+    """No augmentation, at full size: float32 ``[3,H,W]`` in [0,1] (evaluation takes no device step) and
+    ``[1,H,W]`` metres."""
+    image_t, depth_t = to_tensors(image, depth)
+    return image_t.float().div_(255), depth_t
 
 
 # The depth task imports the eval step under the Task contract's name.

@@ -2,7 +2,13 @@
 
 ``Resize(img_scale=(2048, 512), ratio_range=(0.5, 2.0))`` -> ``RandomCrop(512, cat_max_ratio=0.75)``
 -> ``RandomFlip(0.5)`` -> ``PhotoMetricDistortion`` -> ``Pad(512, seg_pad_val=255)``. Images are
-uint8 ``HxWx3`` numpy arrays and labels uint8 ``HxW`` until the final float conversion. Resizing
+uint8 ``HxWx3`` numpy arrays and labels uint8 ``HxW`` until the final float conversion.
+
+Where each part runs: resize, crop (it looks at the label), flip and the label padding on the CPU
+(:func:`seg_train_augment`, in the loader); the photometric distortion, which touches the image only and
+is most of a sample's CPU time (two HSV round trips), is drawn there (:func:`draw_distortion`, mmseg's
+draws in mmseg's order) and applied on the training device after the copy (:func:`photometric_distortion`
+and :func:`fill_padding`, via ``SegTask.augment_on_device``); image and label cross as uint8. Resizing
 goes through ``torch.nn.functional.interpolate`` (bilinear without antialiasing for images,
 floor-nearest for labels), which is what OpenCV's ``INTER_LINEAR`` / ``INTER_NEAREST`` compute;
 Pillow's bilinear would low-pass filter on downscaling and shift the statistics.
@@ -10,13 +16,13 @@ Pillow's bilinear would low-pass filter on downscaling and shift the statistics.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vpd_ray.data.augment.color import hsv8_to_rgb, rgb_to_hsv8
+from vpd_ray.data.augment.color import against, apply_lut, hsv8_to_rgb, identity_lut, per_sample, rgb_to_hsv8
 
 IGNORE_INDEX = 255
 
@@ -36,12 +42,17 @@ def rescale_size(hw: tuple[int, int], scale: Sequence[int]) -> tuple[int, int]:
 
 
 def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a uint8 ``HxWx3`` image (OpenCV ``INTER_LINEAR`` semantics)."""
+    """Bilinear resize of a uint8 ``HxWx3`` image (OpenCV ``INTER_LINEAR`` semantics, within one level).
+
+    torch's uint8 kernel on the channels-last layout the array already has: no float copy of an image
+    that may be upscaled to 1024x1366, several times faster than resizing in float. Its fixed-point weights
+    round like OpenCV's own: both are within one 8-bit level of the exact float result.
+    """
     if image.shape[:2] == tuple(hw):
         return image
-    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()  # copy: decoded arrays are read-only
-    x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
-    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # [1,3,H,W] over HWC memory
+    x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=hw, mode="bilinear", align_corners=False)
+    return x[0].permute(1, 2, 0).numpy()
 
 
 def resize_label(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -85,65 +96,109 @@ def random_crop(
     y, x = draw()
     if cat_max_ratio < 1.0:
         for _ in range(10):
-            values, counts = np.unique(label[y : y + ch, x : x + cw], return_counts=True)
-            counts = counts[values != ignore_index]
+            counts = np.bincount(label[y : y + ch, x : x + cw].ravel(), minlength=ignore_index + 1)
+            counts[ignore_index] = 0
+            counts = counts[counts > 0]  # the classes present, as mmseg's np.unique(return_counts=True)
             if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
                 break
             y, x = draw()
     return image[y : y + ch, x : x + cw], label[y : y + ch, x : x + cw]
 
 
-def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
-    """mmseg's ``convert``: affine in float, clip, truncate back to uint8."""
-    return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+DISTORTION_FIELDS = ("brightness_on", "brightness", "contrast_first", "contrast_on", "contrast",
+                     "saturation_on", "saturation", "hue_on", "hue_shift")
 
 
-def photometric_distortion(
-    image: np.ndarray,
+def draw_distortion(
     rng: np.random.Generator,
     brightness_delta: int = 32,
     contrast_range: Sequence[float] = (0.5, 1.5),
     saturation_range: Sequence[float] = (0.5, 1.5),
     hue_delta: int = 18,
 ) -> np.ndarray:
-    """mmseg ``PhotoMetricDistortion``: brightness, contrast (before or after), saturation, hue; each p=0.5.
+    """mmseg ``PhotoMetricDistortion``'s parameters, float64 ``[9]`` (:data:`DISTORTION_FIELDS`), drawn from
+    ``rng`` in mmseg's order: brightness, contrast (before or after), saturation, hue; each on with p 0.5.
 
-    Works in OpenCV's 8-bit HSV (hue 0..179) like mmseg, whose ``randint(-18, 18)`` excludes 18.
+    The contrast coin is only tossed on the side ``contrast_first`` picked, as in mmseg; its ``randint(-18,
+    18)`` hue shift excludes 18. :func:`photometric_distortion` applies them on the device.
     """
+    params = np.zeros(len(DISTORTION_FIELDS))
     if rng.integers(2):
-        image = _convert(image, beta=rng.uniform(-brightness_delta, brightness_delta))
-    contrast_first = bool(rng.integers(2))
+        params[0:2] = 1, rng.uniform(-brightness_delta, brightness_delta)
+    params[2] = contrast_first = rng.integers(2)
     if contrast_first and rng.integers(2):
-        image = _convert(image, alpha=rng.uniform(*contrast_range))
+        params[3:5] = 1, rng.uniform(*contrast_range)
     if rng.integers(2):
-        hsv = rgb_to_hsv8(image)
-        hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(*saturation_range))
-        image = hsv8_to_rgb(hsv)
+        params[5:7] = 1, rng.uniform(*saturation_range)
     if rng.integers(2):
-        hsv = rgb_to_hsv8(image)
-        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + rng.integers(-hue_delta, hue_delta)) % 180
-        image = hsv8_to_rgb(hsv)
+        params[7:9] = 1, rng.integers(-hue_delta, hue_delta)
     if not contrast_first and rng.integers(2):
-        image = _convert(image, alpha=rng.uniform(*contrast_range))
-    return image
+        params[3:5] = 1, rng.uniform(*contrast_range)
+    return params
 
 
-def to_float_padded(
-    image: np.ndarray, label: np.ndarray, size_hw: tuple[int, int], image_value: float = 0.5,
-    label_value: int = IGNORE_INDEX,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 image + label -> float ``[3,H,W]`` in [0,1] and long ``[H,W]`` (``size_hw``), padded bottom/right.
+def _convert(x: torch.Tensor, alpha: torch.Tensor | float = 1.0, beta: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """mmseg's ``convert`` on whole 8-bit values: affine in float32, clip, truncate (``astype(uint8)``).
 
-    The reference pads after normalising to [-1, 1] with 0, which is 0.5 here; labels pad with 255.
+    ``alpha`` / ``beta`` broadcast per sample; float64 parameters are rounded to float32 first, as numpy
+    does with a Python float against a float32 image.
+    """
+    alpha = alpha.float() if torch.is_tensor(alpha) else alpha
+    beta = beta.float() if torch.is_tensor(beta) else beta
+    return (x * alpha + beta).clamp(0, 255).trunc()
+
+
+def _with_hsv_channel(rgb: torch.Tensor, channel: int, change: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """An RGB -> 8-bit HSV -> RGB round trip that changes one HSV channel ``[B,H,W]``."""
+    hsv = rgb_to_hsv8(rgb)
+    hsv[:, channel] = change(hsv[:, channel])
+    return hsv8_to_rgb(hsv)
+
+
+def photometric_distortion(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """mmseg ``PhotoMetricDistortion`` on a batch where it lies (the training device): uint8 ``[B,3,H,W]`` and
+    :func:`draw_distortion`'s ``[B,9]`` -> float32 ``[B,3,H,W]`` of whole values 0..255.
+
+    Brightness and contrast are 8-bit lookup tables (the contrast that comes first joins the brightness
+    table); saturation and hue are separate HSV round trips, as in mmseg. Every step runs on every
+    sample and the flags pick (no host reads); a sample's result does not depend on the batch.
+    """
+    field = params.unbind(1)  # DISTORTION_FIELDS, each per sample [B]
+    ramp = identity_lut(len(params), params.device)
+    levels = per_sample(field[0], _convert(ramp, beta=against(field[1], ramp)), ramp)
+    contrast_first, contrast_last = field[3] * field[2], field[3] * (1 - field[2])
+    x = apply_lut(images, per_sample(contrast_first, _convert(levels, alpha=against(field[4], ramp)), levels))
+    x = per_sample(field[5], _with_hsv_channel(x, 1, lambda s: _convert(s, alpha=against(field[6], s))), x)
+    hue = lambda h: torch.remainder(h + against(field[8], h).float(), 180)  # noqa: E731  whole shifts, exact
+    x = per_sample(field[7], _with_hsv_channel(x, 0, hue), x)
+    return apply_lut(x, per_sample(contrast_last, _convert(ramp, alpha=against(field[4], ramp)), ramp))
+
+
+def fill_padding(images: torch.Tensor, image_hw: torch.Tensor, value: float = 0.5) -> torch.Tensor:
+    """Set ``[B,3,H,W]`` outside each sample's top-left ``image_hw`` ``[B,2]`` to ``value`` (no host reads).
+
+    The reference pads after normalising to [-1, 1] with 0, which is 0.5 of the [0, 1] image; a uint8 copy
+    cannot hold 0.5, so the CPU pads with 0 and this sets it on the device.
+    """
+    rows = torch.arange(images.shape[-2], device=images.device)[None, :, None] < image_hw[:, 0, None, None]
+    cols = torch.arange(images.shape[-1], device=images.device)[None, None, :] < image_hw[:, 1, None, None]
+    return torch.where((rows & cols)[:, None], images, value)
+
+
+def to_padded(
+    image: np.ndarray, label: np.ndarray, size_hw: tuple[int, int], label_value: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 image + label -> uint8 ``[3,H,W]``, uint8 ``[H,W]`` (``size_hw``), padded bottom/right, and the
+    crop's size int64 ``[2]`` (:func:`fill_padding`). Labels pad with 255; the image with 0 until the device.
     """
     h, w = label.shape
     if h > size_hw[0] or w > size_hw[1]:
         raise ValueError(f"cannot pad a {h}x{w} crop to {size_hw[0]}x{size_hw[1]}")
-    out_image = torch.full((3, *size_hw), image_value, dtype=torch.float32)
-    out_image[:, :h, :w] = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
-    out_label = torch.full(tuple(size_hw), label_value, dtype=torch.long)
-    out_label[:h, :w] = torch.from_numpy(np.array(label)).long()
-    return out_image, out_label
+    out_image = torch.zeros((3, *size_hw), dtype=torch.uint8)
+    out_image[:, :h, :w] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    out_label = torch.full(tuple(size_hw), label_value, dtype=torch.uint8)
+    out_label[:h, :w] = torch.from_numpy(np.ascontiguousarray(label))
+    return out_image, out_label, torch.tensor([h, w])
 
 
 def seg_train_augment(
@@ -154,11 +209,14 @@ def seg_train_augment(
     ratio_range: Sequence[float] = (0.5, 2.0),
     crop_hw: tuple[int, int] = (512, 512),
     cat_max_ratio: float = 0.75,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The full training pipeline on an already label-shifted sample -> (image ``[3,h,w]``, label ``[h,w]``)."""
+) -> dict[str, torch.Tensor]:
+    """The training pipeline's CPU part on an already label-shifted sample: ``image`` uint8 ``[3,h,w]``,
+    ``label`` uint8 ``[h,w]``, ``image_hw`` int64 ``[2]`` and ``photometric`` float64 ``[9]``; the distortion
+    and the image padding happen on the device (``SegTask.augment_on_device``)."""
     image, label = random_rescale(image, label, rng, scale, ratio_range)
     image, label = random_crop(image, label, rng, crop_hw, cat_max_ratio)
     if rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
-    image = photometric_distortion(image, rng)
-    return to_float_padded(image, label, crop_hw)
+    params = torch.from_numpy(draw_distortion(rng))
+    image_t, label_t, image_hw = to_padded(image, label, crop_hw)
+    return {"image": image_t, "label": label_t, "image_hw": image_hw, "photometric": params}
