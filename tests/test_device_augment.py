@@ -196,12 +196,16 @@ def test_depth_parameters_follow_the_reference_distribution():
         assert (fields[values][~on] == 0).all()
 
 
-def test_depth_photometric_of_a_batch_is_that_of_each_sample():
+def _assert_batched_is_per_sample(draw, apply) -> None:
+    """``apply(images, params)`` on 6 samples at once equals it on each sample alone."""
     images = _nchw(_images(6))
-    params = torch.from_numpy(np.stack([depth_aug.draw_photometric(np.random.default_rng(s)) for s in range(6)]))
-    batched = depth_aug.photometric(images, params)
-    alone = torch.cat([depth_aug.photometric(images[i:i + 1], params[i:i + 1]) for i in range(6)])
-    assert torch.equal(batched, alone)
+    params = torch.from_numpy(np.stack([draw(np.random.default_rng(s)) for s in range(6)]))
+    alone = torch.cat([apply(images[i:i + 1], params[i:i + 1]) for i in range(6)])
+    assert torch.equal(apply(images, params), alone)
+
+
+def test_depth_photometric_of_a_batch_is_that_of_each_sample():
+    _assert_batched_is_per_sample(depth_aug.draw_photometric, depth_aug.photometric)
 
 
 # --- segmentation: fixed parameters, the draws, batch independence, padding -----------------------
@@ -273,11 +277,7 @@ def test_seg_parameters_follow_the_reference_distribution():
 
 
 def test_seg_distortion_of_a_batch_is_that_of_each_sample():
-    images = _nchw(_images(6))
-    params = torch.from_numpy(np.stack([seg_aug.draw_distortion(np.random.default_rng(s)) for s in range(6)]))
-    batched = seg_aug.photometric_distortion(images, params)
-    alone = torch.cat([seg_aug.photometric_distortion(images[i:i + 1], params[i:i + 1]) for i in range(6)])
-    assert torch.equal(batched, alone)
+    _assert_batched_is_per_sample(seg_aug.draw_distortion, seg_aug.photometric_distortion)
 
 
 # --- the task hooks -------------------------------------------------------------------------------
