@@ -127,6 +127,7 @@ def ray_cluster(ray_head):
     import ray
 
     connect(ray_head)
+    wait_for_idle_cluster()
     try:
         yield ray_head
     finally:
@@ -158,6 +159,23 @@ def wait_for_cpus(cpus: float, timeout_s: float = 120) -> None:
     while ray.cluster_resources().get("CPU", 0) < cpus:
         if time.monotonic() > deadline:
             raise RuntimeError(f"the cluster has {ray.cluster_resources().get('CPU', 0)} CPUs, not {cpus}")
+        time.sleep(0.5)
+
+
+def wait_for_idle_cluster(timeout_s: float = 120) -> None:
+    """Until every CPU of the connected cluster is free: a run that an earlier test left behind would
+    hold workers and starve the next module's runs. On timeout, name what still holds resources."""
+    import ray
+    from ray.util.state import list_actors, list_placement_groups
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        if time.monotonic() > deadline:
+            actors = [f"{a.class_name} on {a.node_id[:8]}" for a in list_actors(filters=[("state", "=", "ALIVE")])]
+            groups = [f"{g.placement_group_id[:8]} {g.bundles}" for g in
+                      list_placement_groups(filters=[("state", "=", "CREATED")])]
+            raise RuntimeError(f"the cluster is not idle after {timeout_s} s: {ray.available_resources()} free of "
+                               f"{ray.cluster_resources()}; alive actors {actors}; placement groups {groups}")
         time.sleep(0.5)
 
 

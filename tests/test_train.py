@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import wait_for_cpus
+from conftest import connect, wait_for_cpus, wait_for_idle_cluster
 from vpd_ray.config import load
 from vpd_ray.engine.console import ERRORS, EVENTS
 from vpd_ray.engine.evaluation import evaluate_task
@@ -78,12 +78,29 @@ def sample_run(ray_nodes, ray_cluster, tmp_path_factory):
         after = _events(run_dir).index(shrunk.group(0))
         _wait_for(run_dir, r"worker group: 2 workers on 2 nodes", after=after)
         grown = _wait_for(run_dir, r"resuming from checkpoint \S+ at step (\d+)\b(?! on 1 workers)", after=after + 1)
-        runner.join(timeout=900)
+        runner.join(timeout=600)
+    except BaseException:
+        _abandon(ray_nodes)
+        raise
     finally:
         os.environ.pop("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
     assert not runner.is_alive() and "result" in outcome
     return cfg, outcome["result"], run_dir, {"killed_at": killed_at, "shrunk": int(shrunk.group(1)),
                                              "grown": int(grown.group(1))}
+
+
+def _abandon(ray_nodes) -> None:
+    """After a failed wait: stop the run and give the cluster back its two nodes, so that the module's
+    other tests start on an idle cluster instead of queueing behind a run that goes on (Ray Train retries
+    a worker group that cannot be placed without limit)."""
+    import ray
+
+    ray.shutdown()  # the run's controller is an actor of this driver: it ends with the connection
+    if not ray_nodes.workers:
+        ray_nodes.add_node()
+    connect(ray_nodes.address)
+    wait_for_cpus(2)
+    wait_for_idle_cluster()
 
 
 def _val_stream(cfg, task, num_workers=0):
