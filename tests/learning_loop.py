@@ -37,13 +37,14 @@ def sample_urls(kind: str, split: str) -> str:
     return str(SAMPLE / f"{kind}-{split}-000000.tar") if split == "val" else str(SAMPLE / f"{kind}-train-{{000000..000001}}.tar")
 
 
-def build(tasks: dict[str, Any], seed: int = 0):
-    """A ``VPDModel`` on the tiny backbone with ``tasks`` (name -> Task)."""
+def build(tasks: dict[str, Any], seed: int = 0, **backbone: Any):
+    """A ``VPDModel`` on the tiny backbone with ``tasks`` (name -> Task); ``backbone``: more
+    ``BackboneConfig`` fields (e.g. ``latent_scale``)."""
     from vpd_ray.model.backbone import BackboneConfig, VPDBackbone
     from vpd_ray.modeling import VPDModel
 
     torch.manual_seed(seed)
-    return VPDModel(VPDBackbone.from_config(BackboneConfig(source="tiny", seed=seed)), tasks)
+    return VPDModel(VPDBackbone.from_config(BackboneConfig(source="tiny", seed=seed, **backbone)), tasks)
 
 
 def train(model, steps: int, lr: float, batch_size: int = 4, unet_lr_mult: float = 0.1, seed: int = 0,

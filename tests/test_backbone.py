@@ -41,6 +41,21 @@ def test_encode_pads_in_signed_space_and_uses_posterior_mode(backbone):
     assert not latents.requires_grad
 
 
+def test_latent_scale_scales_what_the_unet_sees(tiny_backbone_config):
+    """TADP's corrected scaling multiplies the latents; VPD's default leaves them as the VAE gives them."""
+    import dataclasses
+
+    from vpd_ray.model.backbone import VPDBackbone
+
+    plain = VPDBackbone.from_config(tiny_backbone_config)
+    scaled = VPDBackbone.from_config(dataclasses.replace(tiny_backbone_config, latent_scale=0.18215))
+    image, context = torch.rand(1, 3, 64, 64), torch.randn(1, 1, plain.text_dim)
+    latents = plain.encode(image)
+    assert torch.equal(latents, plain.vae.encode(image * 2 - 1).latent_dist.mode())  # 1.0: bit for bit
+    assert torch.equal(scaled.encode(image), latents * 0.18215)
+    assert not torch.allclose(scaled(image, context)[0], plain(image, context)[0])
+
+
 def test_attention_maps_concatenated_onto_f2_f3(backbone):
     tokens = 3
     image, ctx = torch.rand(2, 3, 128, 128), _context(backbone, batch=2, tokens=tokens)

@@ -68,6 +68,7 @@ def test_multitask_plan_shares_one_accumulation():
         (["train.checkpoint.weights_every=-1"], "weights_every"),
         (["deepspeed.zero_stage=4"], "zero_stage"),
         (["train.nan_policy=ignore"], "nan_policy"),
+        (["model.backbone.latent_scale=0"], "latent_scale must be > 0"),
         (["train.grad_checkpointing=true", "deepspeed.zero_stage=3"], "zero_stage 3"),
     ],
 )

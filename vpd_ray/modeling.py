@@ -82,7 +82,7 @@ def build_model(cfg: DictConfig, arch: dict[str, Any] | None = None) -> "VPDMode
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
         unet, vae = UNet2DConditionModel.from_config(arch["unet"]), AutoencoderKL.from_config(arch["vae"])
-        backbone = VPDBackbone(unet, vae, attn_map_divisor=backbone_cfg.attn_map_divisor)
+        backbone = VPDBackbone(unet, vae, **backbone_cfg.options())
     tasks = {name: get_task(name)(_task_config(name, section, drop_files=arch is not None))
              for name, section in cfg.tasks.items()}
     return VPDModel(backbone, tasks)

@@ -50,12 +50,21 @@ class BackboneConfig:
     seed: int = 0
     # cross-attention maps: keep maps with h*w <= (padded side / attn_map_divisor)^2 (VPD: 16)
     attn_map_divisor: int = 16
+    # The UNet's input is latents x latent_scale. VPD feeds unscaled latents (1.0); SD v1 was trained on
+    # latents x 0.18215, which TADP restores ("corrected latent scaling").
+    latent_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"backbone source {self.source!r} is not one of {SOURCES}")
         if self.source != "tiny" and not self.path:
             raise ValueError(f"backbone source {self.source!r} needs a path to the SD v1 weights")
+        if not self.latent_scale > 0:
+            raise ValueError(f"model.backbone.latent_scale must be > 0, got {self.latent_scale}")
+
+    def options(self) -> dict[str, Any]:
+        """What :class:`VPDBackbone` takes besides its networks, whichever way they are built."""
+        return {"attn_map_divisor": self.attn_map_divisor, "latent_scale": self.latent_scale}
 
 
 class TextAdapter(nn.Module):
@@ -93,7 +102,7 @@ class ClassEmbeddings(nn.Module):
 class VPDBackbone(nn.Module):
     """Frozen VAE encoder + UNet at t = 1 -> ``[f1, f2, f3, f4]`` at strides 8/16/32/64 of the padded image."""
 
-    def __init__(self, unet: nn.Module, vae: nn.Module, attn_map_divisor: int = 16):
+    def __init__(self, unet: nn.Module, vae: nn.Module, attn_map_divisor: int = 16, latent_scale: float = 1.0):
         super().__init__()
         _check_sd_v1(unet.config)
         unet.conv_norm_out = None  # VPD uses no output norm/conv: the UNet's output is then f1
@@ -106,6 +115,7 @@ class VPDBackbone(nn.Module):
         self.text_adapter = TextAdapter(unet.config.cross_attention_dim)
         self.class_embeddings = nn.ModuleDict()
         self.attn_map_divisor = attn_map_divisor
+        self.latent_scale = latent_scale
         self._attn_store = AttentionMapStore()
         unet.set_attn_processor(cross_attention_processors(unet, self._attn_store))
         self._taps = _TapStore()
@@ -118,8 +128,8 @@ class VPDBackbone(nn.Module):
         if cfg.source == "tiny":
             return cls.tiny(cfg)
         if cfg.source == "pretrained":
-            return cls.from_pretrained(cfg.path, attn_map_divisor=cfg.attn_map_divisor)
-        return cls.from_single_file(cfg.path, cfg.config_path, attn_map_divisor=cfg.attn_map_divisor)
+            return cls.from_pretrained(cfg.path, **cfg.options())
+        return cls.from_single_file(cfg.path, cfg.config_path, **cfg.options())
 
     @classmethod
     def tiny(cls, cfg: BackboneConfig | None = None) -> "VPDBackbone":
@@ -131,10 +141,10 @@ class VPDBackbone(nn.Module):
             torch.manual_seed(cfg.seed)
             unet = UNet2DConditionModel(**tiny_unet_config(cfg))
             vae = AutoencoderKL(**tiny_vae_config(cfg))
-            return cls(unet, vae, attn_map_divisor=cfg.attn_map_divisor)
+            return cls(unet, vae, **cfg.options())
 
     @classmethod
-    def from_pretrained(cls, path: str, attn_map_divisor: int = 16) -> "VPDBackbone":
+    def from_pretrained(cls, path: str, **options: Any) -> "VPDBackbone":
         """A diffusers Stable Diffusion v1 folder (``unet/``, ``vae/``) or hub id."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -147,10 +157,10 @@ class VPDBackbone(nn.Module):
             vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot load SD v1 UNet/VAE from {path!r}: {first_line(err)}") from None
-        return cls(unet, vae, attn_map_divisor=attn_map_divisor)
+        return cls(unet, vae, **options)
 
     @classmethod
-    def from_single_file(cls, path: str, config_path: str | None, attn_map_divisor: int = 16) -> "VPDBackbone":
+    def from_single_file(cls, path: str, config_path: str | None, **options: Any) -> "VPDBackbone":
         """An original-layout SD checkpoint, converted by diffusers' own single-file code (offline)."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -169,7 +179,7 @@ class VPDBackbone(nn.Module):
             raise ValueError(
                 f"cannot convert {path!r} with the UNet/VAE configs of {config_path!r}: {first_line(err)}"
             ) from None
-        return cls(unet, vae, attn_map_divisor=attn_map_divisor)
+        return cls(unet, vae, **options)
 
     # --- interface --------------------------------------------------------------------------
     @property
@@ -191,9 +201,11 @@ class VPDBackbone(nn.Module):
 
     @torch.no_grad()
     def encode(self, image01: torch.Tensor) -> torch.Tensor:
-        """``[B,3,H,W]`` in [0,1] -> unscaled posterior-mode latents ``[B,4,Hp/8,Wp/8]`` (Hp = H padded to x64)."""
+        """``[B,3,H,W]`` in [0,1] -> posterior-mode latents x ``latent_scale`` ``[B,4,Hp/8,Wp/8]`` (Hp = H
+        padded to x64); VPD's 1.0 leaves them unscaled, bit for bit."""
         x = pad_to_multiple(image01 * 2 - 1, PAD_MULTIPLE)  # zero padding in [-1,1] space, as the reference
-        return self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode()
+        latents = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode()
+        return latents if self.latent_scale == 1.0 else latents * self.latent_scale
 
     def forward_features(
         self, latents: torch.Tensor, context: torch.Tensor, with_attention_maps: bool = False
