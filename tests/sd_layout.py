@@ -79,3 +79,25 @@ def to_original_checkpoint(unet_state: dict, vae_state: dict) -> dict[str, torch
     ckpt = {f"model.diffusion_model.{k}": v for k, v in unet_to_ldm(unet_state).items()}
     ckpt.update({f"first_stage_model.{k}": v for k, v in vae_to_ldm(vae_state).items()})
     return {k: v.contiguous() for k, v in ckpt.items()}
+
+
+def vpd_backbone_to_authors(
+    state: dict[str, torch.Tensor], root: str = "", class_set: str | None = None, embeddings_3d: bool = False
+) -> dict[str, torch.Tensor]:
+    """The backbone part of a ``VPDModel`` state dict in the key layout of the authors' VPD models,
+    under ``root`` (``"encoder."`` in their depth model, ``""`` in their seg and refer models):
+    ``unet.unet.diffusion_model.*``, ``encoder_vq.*``, ``text_adapter.fc.*``, ``gamma`` and, with
+    ``class_set``, the ``class_embeddings`` buffer without our mean row (``[N, D]``, or ``[N, 1, D]``
+    with ``embeddings_3d``)."""
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+    out = {f"{root}unet.unet.diffusion_model.{k}": v for k, v in unet_to_ldm(part("backbone.unet.")).items()}
+    out.update({f"{root}encoder_vq.{k}": v for k, v in vae_to_ldm(part("backbone.vae.")).items()})
+    out.update({f"{root}text_adapter.fc.{k}": v for k, v in part("backbone.text_adapter.fc.").items()})
+    out[f"{root}gamma"] = state["backbone.text_adapter.gamma"]
+    if class_set is not None:
+        classes = state[f"backbone.class_embeddings.{class_set}.weight"][:-1]
+        out[f"{root}class_embeddings"] = classes[:, None] if embeddings_3d else classes
+    return out

@@ -7,8 +7,11 @@ import dataclasses
 import pytest
 import torch
 
+from vpd_ray.model.authors_weights import (
+    load_vpd_depth_checkpoint,
+    remap_vpd_depth_state_dict,
+)
 from vpd_ray.model.backbone import VPDBackbone
-from vpd_ray.model.authors_weights import load_vpd_depth_checkpoint, remap_vpd_depth_state_dict
 from vpd_ray.modeling import VPDModel
 from vpd_ray.tasks.depth import DepthConfig, DepthTask
 
@@ -21,21 +24,14 @@ def _model(cfg, seed):
 
 def authors_layout(model, embeddings_3d=False):
     """The authors' ``model`` dict for ``model``'s weights, plus the parts VPD never uses."""
-    from sd_layout import unet_to_ldm, vae_to_ldm
+    from sd_layout import vpd_backbone_to_authors
 
     sd = model.state_dict()
-
-    def part(prefix):
-        return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-
-    out = {f"encoder.unet.unet.diffusion_model.{k}": v for k, v in unet_to_ldm(part("backbone.unet.")).items()}
-    out.update({f"encoder.encoder_vq.{k}": v for k, v in vae_to_ldm(part("backbone.vae.")).items()})
-    out.update({f"encoder.text_adapter.fc.{k}": v for k, v in part("backbone.text_adapter.fc.").items()})
-    out["encoder.gamma"] = sd["backbone.text_adapter.gamma"]
-    classes = sd["backbone.class_embeddings.nyu.weight"][:-1]
-    out["encoder.class_embeddings"] = classes[:, None] if embeddings_3d else classes
-    for key, value in part("heads.depth.").items():
-        out[key if key.startswith(("decoder.", "last_layer_depth.")) else f"encoder.{key}"] = value
+    out = vpd_backbone_to_authors(sd, root="encoder.", class_set="nyu", embeddings_3d=embeddings_3d)
+    for key, value in sd.items():
+        if key.startswith("heads.depth."):
+            key = key[len("heads.depth.") :]
+            out[key if key.startswith(("decoder.", "last_layer_depth.")) else f"encoder.{key}"] = value
     # present in the authors' files (or in variants of them) and unused by VPD
     c0 = model.backbone.unet.config.block_out_channels[0]
     out["encoder.unet.unet.diffusion_model.out.0.weight"] = torch.ones(c0)

@@ -10,7 +10,8 @@ histogram of the per-image (refer: per-sentence) scores and the ``--report-worst
 drawn; the metrics are the same with or without it.
 
 ``PATH`` is a model package (``vpd_ray.export``), a training checkpoint or run directory, or the
-authors' released depth ``.pth`` (loaded into the model CONFIG describes, every key reported).
+authors' released depth, ADE20K or RefCOCO ``.pth`` (loaded into the model CONFIG describes, in the
+layout of its task; every key reported).
 A checkpoint or run directory is consolidated once, in one Ray task, and its fp32 weights reach
 every worker through the object store; a package is read by each worker (safetensors, mmapped).
 The job is :mod:`vpd_ray.engine.eval_job`; this module only parses arguments.

@@ -6,7 +6,8 @@ rank 0's metrics checkpoint brings them to the driver, which writes the report.
 
 The weights come from a model package (each worker reads ``model.safetensors``, mmapped), a
 training checkpoint or run directory (consolidated once, in one Ray task, and shared with every
-worker through the object store), or the authors' released depth ``.pth`` (every key reported).
+worker through the object store), or one of the authors' released ``.pth`` files (depth, seg or refer:
+the layout of the config's task; every key reported).
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ def load_model(cfg: DictConfig, path: str, weights: Any = None) -> Any:
         return load_package(path)[0]
     if os.path.isdir(path):
         return model_from_weights(consolidated_weights(path))
-    from vpd_ray.model.authors_weights import load_vpd_depth_checkpoint
+    from vpd_ray.model.authors_weights import load_authors_checkpoint
 
-    model = build_model(cfg)
-    print(load_vpd_depth_checkpoint(path, model).summary(), flush=True)
+    model = build_model(cfg)  # the layout is the one of the model's (only) task's type
+    print(load_authors_checkpoint(path, model).summary(), flush=True)
     return model.eval()
 
 
