@@ -27,6 +27,8 @@ def test_job_submit_sample_training(tmp_path):
         "VPD_DASHBOARD_PORT": str(free_port()),
         "VPD_RAY_START_ARGS": f"--dashboard-agent-listen-port={free_port()} --temp-dir={temp_dir}",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # the real home's caches: DeepSpeed's CPU comm op, built once, would build again (90 s) in a new HOME
+        "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
     }
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN", None)  # the launcher's own token from HOME/.ray/auth_token
