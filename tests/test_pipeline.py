@@ -21,7 +21,7 @@ from vpd_ray.data import pipeline
 from vpd_ray.data.augment import color
 from vpd_ray.data.augment import depth as aug
 from vpd_ray.data.decode import CorruptSampleError, ForbiddenFieldError, decode_sample
-from vpd_ray.data.pipeline import build_stream, plan_epoch
+from vpd_ray.data.pipeline import DataPosition, build_stream, plan_epoch
 from vpd_ray.data.tario import expand_urls
 from vpd_ray.errors import DataError
 from vpd_ray.data.writer import SourceItem, encode_jpeg, write_shards
@@ -95,16 +95,38 @@ def test_eval_every_sample_once_nothing_dropped(shards):
     assert sorted(keys) == sorted(f"k{i:04d}" for i in range(sum(COUNTS)))
 
 
-def test_resume_from_epoch_replays_that_epoch(shards):
-    def run(start_epoch, batches):
-        stream = build_stream(shards, _meta_transform, train=True, batch_size=5, seed=1, num_workers=0,
-                              shuffle_buffer=8, rank=0, world_size=1, start_epoch=start_epoch)
-        return _seen(_take(stream, batches)), stream
+def _union(positions):
+    """The ranks' positions merged, as the trainer's checkpoint does (an elementwise max of the dense form)."""
+    lo, hi = min(p.floor for p in positions), max(p.last for p in positions)
+    return DataPosition.from_dense(lo, np.maximum.reduce([p.dense(lo, hi) for p in positions]))
 
-    full, stream = run(0, 10)
-    assert stream.epoch == 2  # 25 samples / 5 per batch: 5 steps per epoch
-    resumed, _ = run(1, 5)
-    assert resumed == [(k, e) for k, e in full if e == 1]
+
+@pytest.mark.parametrize("world_size, num_workers", [(2, 2), (1, 2), (3, 0)], ids=["same", "fewer", "more"])
+def test_resume_mid_epoch_sees_every_sample_of_the_epoch_once(shards, world_size, num_workers):
+    """A 2-rank x 2-worker run stopped mid-epoch (what its loaders had prefetched is lost), resumed from
+    the checkpointed position on the same, a smaller and a larger worker count: across the two parts
+    every sample of epoch 0 is trained on exactly once."""
+    def streams(ranks, workers, position):
+        return [build_stream(",".join(shards), _meta_transform, train=True, batch_size=2, seed=3, fields=("jpg", "json"),
+                             num_workers=workers, shuffle_buffer=4, rank=r, world_size=ranks, position=position)
+                for r in range(ranks)]  # fmt: skip
+
+    first = streams(2, 2, None)
+    before = [pair for s in first for pair in _seen(_take(s, 3))]  # 12 of epoch 0's 25 samples
+    saved = json.loads(json.dumps(_union([s.position for s in first]).to_dict()))  # through meta.json
+    assert saved["floor"] == 0 and sum(e == 0 for _, e in before) == 12
+    resumed = streams(world_size, num_workers, saved)
+    after = [pair for s in resumed for pair in _seen(_take(s, 24 // world_size))]
+    epoch0 = collections.Counter(k for k, e in before + after if e == 0)
+    assert epoch0 == collections.Counter(f"k{i:04d}" for i in range(sum(COUNTS)))  # each once, none missing
+    assert _union([s.position for s in resumed]).floor >= 1
+
+
+def test_a_position_over_other_shards_is_refused(shards):
+    saved = DataPosition(sum(COUNTS) + 1).to_dict()
+    with pytest.raises(DataError, match="the shards changed since it was saved"):
+        build_stream(shards, _meta_transform, train=True, batch_size=5, num_workers=0, rank=0, world_size=1,
+                     position=saved)
 
 
 def test_fewer_samples_than_workers_is_a_clear_error(tmp_path):

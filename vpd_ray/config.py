@@ -110,6 +110,10 @@ class TrainSection:
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     nan_policy: str = "skip"  # "skip": drop the batch and draw another; "stop": fail naming the step
     max_nan_skips: int = 10  # more skipped batches than this in one run stops it
+    # EMA of the trainable weights after every optimizer step, ema = d * ema + (1 - d) * weight, kept in
+    # fp32 and in every full checkpoint (vpd_ray.engine.ema); in [0, 1), 0: off (VPD); ZeRO-0/1/2 only
+    ema_decay: float = 0.0
+    ema_eval: bool = False  # validation, the exported package and weights-only checkpoints use the EMA weights
 
 
 @dataclasses.dataclass
@@ -394,6 +398,13 @@ def validate(cfg: DictConfig, need: tuple[str, ...] = TRAIN_NEEDS, remote: tuple
         # VPD.md: non-reentrant recompute (the backbone's) of a diffusers UNet with frozen partitioned
         # parameters crashes under ZeRO-3.
         raise ConfigError("train.grad_checkpointing: not supported with deepspeed.zero_stage 3; use zero_stage 2")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay: {t.ema_decay!r} must be in [0, 1) (0: no EMA)")
+    if t.ema_eval and t.ema_decay == 0:
+        raise ConfigError("train.ema_eval: true needs train.ema_decay > 0 (with 0 no EMA of the weights is kept)")
+    if t.ema_decay > 0 and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError("train.ema_decay: not supported with deepspeed.zero_stage 3 (every rank keeps a full fp32 "
+                          "EMA of the replicated weights, which ZeRO-3 partitions); use zero_stage 2")
     if t.compile and cfg.deepspeed.zero_stage == 3:
         raise ConfigError("train.compile: not supported with deepspeed.zero_stage 3 (ZeRO-3 gathers each layer's "
                           "parameters in module hooks, which the compiled graph would bake in); use zero_stage 2")

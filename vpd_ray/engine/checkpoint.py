@@ -3,10 +3,11 @@
 Layout of one checkpoint (every rank writes its own DeepSpeed files, rank 0 the rest)::
 
     state/                 DeepSpeed save_checkpoint tag: model states + per-rank optimizer shards
-    meta.json              step, data epochs, param-group names, nan skips
+    meta.json              step, data positions (sample level), param-group names, nan skips
     config.yaml            the resolved run config
     frozen.safetensors     fp32 weights of modules that never train (VAE, class embeddings)
     architecture.json      diffusers configs of the UNet and VAE (vpd_ray.package.architecture)
+    ema.safetensors        fp32 EMA of the trainable weights, only with train.ema_decay > 0 (vpd_ray.engine.ema)
 
 The frozen modules are outside the DeepSpeed engine (the VAE: not partitioned, not optimised) or
 cast to bf16 by it (class-embedding buffers), so the checkpoint keeps their exact fp32 values
@@ -29,6 +30,7 @@ TAG = "state"
 META = "meta.json"
 CONFIG = "config.yaml"
 FROZEN = "frozen.safetensors"
+EMA = "ema.safetensors"
 # The only non-tensor classes DeepSpeed pickles into its checkpoints (checked on 0.19).
 _DEEPSPEED_GLOBALS = {
     "deepspeed.utils.tensor_fragment.fragment_address",
@@ -70,14 +72,18 @@ def frozen_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_rank0_files(
-    directory: str, meta: dict[str, Any], config_yaml: str, frozen: dict[str, torch.Tensor], arch: dict[str, Any]
+    directory: str, meta: dict[str, Any], config_yaml: str, frozen: dict[str, torch.Tensor], arch: dict[str, Any],
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> None:
+    """The rank-0 part; ``ema``: the EMA state (``EMA.state_dict()``), written as ``ema.safetensors`` if given."""
     from safetensors.torch import save_file
 
-    from vpd_ray.package import write_architecture
+    from vpd_ray.package import write_architecture, write_safetensors
 
     write_architecture(directory, arch)
     save_file({k: v.contiguous() for k, v in frozen.items()}, os.path.join(directory, FROZEN))
+    if ema is not None:  # fp32, under a temporary name renamed into place
+        write_safetensors(os.path.join(directory, EMA), ema, metadata={"format": "vpd_ray", "content": "ema"})
     with open(os.path.join(directory, CONFIG), "w") as f:
         f.write(config_yaml)
     # meta.json last: its presence marks the rank-0 part complete (is_checkpoint).
@@ -171,7 +177,7 @@ def _zero12_fp32(directory: str) -> dict[str, Any]:
 
 
 def _frozen_lazy(path: str) -> dict[str, _Lazy]:
-    """The entries of ``frozen.safetensors``, each read (one tensor) when used."""
+    """The entries of ``frozen.safetensors`` (or ``ema.safetensors``), each read (one tensor) when used."""
     from safetensors import safe_open
 
     handle = safe_open(path, framework="pt")  # kept open by the closures below
@@ -213,6 +219,22 @@ def consolidated_state_dict(directory: str) -> dict[str, torch.Tensor]:
     return {name: value.contiguous().detach().float() for name, value in lazy_state_dict(directory).items()}
 
 
+def evaluated_lazy_state_dict(directory: str) -> dict[str, Any]:
+    """:func:`lazy_state_dict` with the EMA weights (``ema.safetensors``) in place of the trained ones when
+    the run validated on them (``train.ema_eval`` in its ``config.yaml``): what the run scored, so what
+    its model package holds. A resume wants the trained weights: :func:`consolidated_state_dict`."""
+    from vpd_ray.engine.ema import uses_ema
+
+    state = lazy_state_dict(directory)
+    with open(os.path.join(directory, CONFIG)) as f:
+        if not uses_ema(f.read()):
+            return state
+    if not os.path.isfile(os.path.join(directory, EMA)):
+        raise FileNotFoundError(f"{directory}: its run set train.ema_eval but the checkpoint has no {EMA}")
+    state.update(_frozen_lazy(os.path.join(directory, EMA)))
+    return state
+
+
 def find_checkpoint(path: str) -> str:
     """``path`` itself if it is a checkpoint, else the best complete checkpoint of the run at ``path``."""
     import glob
@@ -233,10 +255,11 @@ def find_checkpoint(path: str) -> str:
 
 
 def export_checkpoint(path: str, out_dir: str) -> str:
-    """Consolidate the checkpoint at ``path`` (or the best of a run) into a package at ``out_dir``."""
+    """Consolidate the checkpoint at ``path`` (or the best of a run) into a package at ``out_dir``: the
+    weights the run validated (:func:`evaluated_lazy_state_dict`)."""
     from vpd_ray.package import export_package, read_architecture
 
     directory = find_checkpoint(path)
     with open(os.path.join(directory, CONFIG)) as f:
         config_yaml = f.read()
-    return export_package(lazy_state_dict(directory), config_yaml, read_architecture(directory), out_dir)
+    return export_package(evaluated_lazy_state_dict(directory), config_yaml, read_architecture(directory), out_dir)

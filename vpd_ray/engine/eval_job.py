@@ -50,14 +50,15 @@ def consolidated_weights(path: str) -> dict[str, Any]:
     ndarray}}``: numpy arrays, because the object store hands those to every process of a node
     zero-copy from shared memory (torch tensors would be copied out per worker).
     """
-    from vpd_ray.engine.checkpoint import CONFIG, consolidated_state_dict, find_checkpoint
+    from vpd_ray.engine.checkpoint import CONFIG, evaluated_lazy_state_dict, find_checkpoint
     from vpd_ray.package import load_config, read_architecture
 
     directory = find_checkpoint(path)
+    state = evaluated_lazy_state_dict(directory)  # the EMA weights when the run validated on them (ema_eval)
     return {"source": directory,
             "config": OmegaConf.to_container(load_config(os.path.join(directory, CONFIG)), resolve=True),
             "architecture": read_architecture(directory),
-            "state": {name: t.numpy() for name, t in consolidated_state_dict(directory).items()}}
+            "state": {name: t.contiguous().detach().float().numpy() for name, t in state.items()}}
 
 
 def model_from_weights(weights: dict[str, Any]) -> Any:

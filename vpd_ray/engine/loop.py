@@ -29,7 +29,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from vpd_ray.engine import checkpoint as ckpt
-from vpd_ray.engine import speed
+from vpd_ray.engine import ema, speed
 from vpd_ray.engine.console import append_event, say
 from vpd_ray.engine.evaluation import evaluate_task
 from vpd_ray.engine.optim import deepspeed_config, lr_factor, param_groups
@@ -65,7 +65,8 @@ class RunState:
     """What a checkpoint restores besides DeepSpeed's state."""
 
     step: int = 0
-    epochs: dict[str, int] = dataclasses.field(default_factory=dict)
+    # per task: where its train stream stands, at sample level (DataPosition.to_dict, merged over ranks)
+    data: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     nan_skips: int = 0
 
 
@@ -113,13 +114,15 @@ class Trainer:
         if self.rank == 0 and _builds_cpu_comm_op():
             say(loop_config, "building DeepSpeed's CPU shared-memory comm op (once per machine; about 90 s on 2 cores)")
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+        self.ema = ema.build(self.engine.module, cfg.train.ema_decay)  # None when off (train.ema_decay 0)
         self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
-        self.state = RunState(epochs={name: 0 for name in cfg.tasks})
+        self.state = RunState()
+        self.streams: dict[str, Any] = {}
         t = cfg.train
         self.stepper = Stepper(self.engine, self.tasks, self.vae_encode, accum=self.accum, seed=cfg.run.seed,
                                device=self.device, optimizer=self.optimizer,
                                lr_at=lambda step: lr_factor(step, t.max_steps, t.schedule, t.lr),
-                               nan_policy=t.nan_policy, max_nan_skips=t.max_nan_skips)
+                               nan_policy=t.nan_policy, max_nan_skips=t.max_nan_skips, ema=self.ema)
         self.writer = None
         self.clock: tuple[float, int] | None = None  # (time, step) where this attempt's steps began: the ETA
         self.latest: str = ""  # the latest validation's primary metric, for the progress line
@@ -144,13 +147,18 @@ class Trainer:
             name: build_stream(task.cfg.train_shards, task.train_transform, train=True, batch_size=self.plan.micro[name],
                                seed=self.cfg.run.seed, fields=task.fields, num_workers=d.num_workers,
                                shuffle_buffer=d.shuffle_buffer, max_corrupt=d.max_corrupt,
-                               start_epoch=self.state.epochs.get(name, 0))
+                               position=self.state.data.get(name))
             for name, task in self.tasks.items()
         }
 
     def validate(self) -> dict[str, float]:
         """Every task's test protocol on its validation split; rank 0 also draws its first
-        ``train.log_images`` samples of each into TensorBoard (the same ones each time)."""
+        ``train.log_images`` samples of each into TensorBoard (the same ones each time). Under
+        ``train.ema_eval`` the EMA weights are scored, and the raw ones train on afterwards."""
+        with ema.evaluating(self.ema, self.cfg.train.ema_eval):
+            return self._validate()
+
+    def _validate(self) -> dict[str, float]:
         from vpd_ray.data.pipeline import build_stream
         from vpd_ray.visualize import render
 
@@ -195,12 +203,14 @@ class Trainer:
         import ray.train
 
         start = time.perf_counter()
+        self.state.data.update({name: self._merged(stream.position).to_dict() for name, stream in self.streams.items()})
         local = tempfile.mkdtemp(prefix=f"vpd_ckpt_rank{self.rank}_")
         self.engine.save_checkpoint(local, tag=ckpt.TAG)
         if self.rank == 0:
             meta = {**dataclasses.asdict(self.state), "zero_stage": int(self.cfg.deepspeed.zero_stage),
                     "world_size": self.world, "param_group_names": self.group_names, "metrics": metrics}
-            ckpt.write_rank0_files(local, meta, self.config_yaml, self.frozen, self.arch)
+            ckpt.write_rank0_files(local, meta, self.config_yaml, self.frozen, self.arch,
+                                   ema=self.ema.state_dict() if self.ema is not None else None)
         written = time.perf_counter() - start
         own = _dir_bytes(local)
         total = int(_all_reduce(torch.tensor([own], dtype=torch.float64, device=self.device)).item())
@@ -226,6 +236,8 @@ class Trainer:
             module = self.engine.module.state_dict() if self.rank == 0 else None
         if self.rank == 0:
             state = {**{k: v.detach().cpu() for k, v in module.items()}, **self.frozen}
+            if self.cfg.train.ema_eval:  # the weights validation scores, in the training dtype
+                state.update({k: v.to(state[k].dtype) for k, v in self.ema.state_dict().items()})
             name = f"step_{self.state.step:08d}"
             size = write_weights_package(state, self.config_yaml, self.arch, self.cfg.run.storage_path,
                                          f"{self.cfg.run.name}/weights", name, self.cfg.train.checkpoint.weights_keep)
@@ -243,12 +255,36 @@ class Trainer:
         if same:
             self.resume.load_engine(self.engine)
         meta = self.resume.meta
-        self.state = RunState(step=meta["step"], epochs=meta["epochs"], nan_skips=meta["nan_skips"])
+        self.state = RunState(step=meta["step"], data=_data_positions(meta), nan_skips=meta["nan_skips"])
         self.stepper.nan_skips = self.state.nan_skips
+        fresh_ema = self.ema is not None and not self._restore_ema()
         if self.rank == 0:
             how = "" if same else (f" on {self.world} workers (saved by {self.resume.world_size}): consolidated "
                                    "weights, fresh optimizer state (AdamW moments reset)")
+            how += "; the checkpoint has no EMA: it starts at the resumed weights" if fresh_ema else ""
             self._event(f"resuming from checkpoint {self.resume.path} at step {self.state.step}{how}", console=True)
+            for name, state in self.state.data.items():
+                self._event(f"{name} data: {_position_line(state)}")
+
+    def _restore_ema(self) -> bool:
+        """The checkpoint's EMA (a full-size state: the same on any worker count); False if it has none
+        (saved with ``train.ema_decay`` 0), and then the EMA restarts at the resumed weights."""
+        state = self.resume.ema_state()
+        if state is None:
+            self.ema.reset()
+            return False
+        self.ema.load_state_dict(state, source=self.resume.path)
+        return True
+
+    def _merged(self, position: Any) -> Any:
+        """The union of every rank's :class:`DataPosition` (what the whole group has trained on): the
+        ranks agree on the epoch range, then take the elementwise max of the dense form."""
+        from vpd_ray.data.pipeline import DataPosition
+
+        bounds = torch.tensor([-position.floor, position.last], dtype=torch.int64, device=self.device)
+        lo, hi = (sign * int(b) for sign, b in zip((-1, 1), _all_reduce(bounds, dist.ReduceOp.MAX)))
+        rows = _all_reduce(torch.from_numpy(position.dense(lo, hi)).to(self.device), dist.ReduceOp.MAX)
+        return DataPosition.from_dense(lo, rows.cpu().numpy())
 
     def _worker_nodes(self) -> list[str]:
         """Each rank's node (Ray node id, shortened, and IP), so events.log says which node a lost rank was on."""
@@ -300,8 +336,8 @@ class Trainer:
     def run(self) -> None:
         t = self.cfg.train
         self.restore()
-        streams = self._streams()
-        iters = {name: iter(stream) for name, stream in streams.items()}
+        self.streams = self._streams()
+        iters = {name: iter(stream) for name, stream in self.streams.items()}
         per_step = self.plan.global_batch
         tick, losses = time.perf_counter(), []
         self.clock = (tick, self.state.step)
@@ -316,7 +352,6 @@ class Trainer:
             self.state.step += 1
             self.state.nan_skips = self.stepper.nan_skips
             step = self.state.step
-            self.state.epochs = {name: stream.epoch for name, stream in streams.items()}
             if step % t.log_every == 0:  # the only read of the losses: one host sync per log_every steps
                 self._log(step, torch.stack(losses).mean(), time.perf_counter() - tick, per_step * len(losses))
                 tick, losses = time.perf_counter(), []
@@ -332,6 +367,24 @@ class Trainer:
                 tick = time.perf_counter()
         if self.writer is not None:
             self.writer.close()
+
+
+def _data_positions(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The checkpoint's data positions; a checkpoint from before sample-level positions has only each
+    task's epoch, which then starts again from its beginning (as those versions did)."""
+    if "data" in meta:
+        return meta["data"]
+    return {name: {"floor": epoch, "seen": {}} for name, epoch in meta.get("epochs", {}).items()}
+
+
+def _position_line(state: dict[str, Any]) -> str:
+    from vpd_ray.data.pipeline import DataPosition
+
+    if "total" not in state:
+        return f"epoch {state['floor']} again from its first sample (the checkpoint predates sample-level positions)"
+    position = DataPosition.from_dict(state)
+    taken = ", ".join(f"{position.taken(e)} of epoch {e}" for e in sorted(position.seen)) or "none of it yet"
+    return f"epoch {position.floor} of {position.total} samples, already trained on: {taken}"
 
 
 @dataclasses.dataclass
@@ -350,6 +403,18 @@ class ResumePoint:
         with self.checkpoint.as_directory() as directory:
             ckpt.assert_safe(directory)
             engine.load_checkpoint(directory, tag=ckpt.TAG, load_module_strict=True)
+
+    def ema_state(self) -> dict[str, torch.Tensor] | None:
+        """The fp32 EMA of ``ema.safetensors`` (None if absent), read alone through the checkpoint's
+        filesystem like meta.json, not by downloading the whole checkpoint."""
+        import pyarrow.fs
+        from safetensors.torch import load
+
+        fs, path = self.checkpoint.filesystem, f"{self.checkpoint.path}/{ckpt.EMA}"
+        if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+            return None
+        with fs.open_input_stream(path) as f:
+            return load(f.read())
 
     def load_weights(self, model: torch.nn.Module) -> None:
         """Consolidated fp32 weights of any ZeRO stage and worker count (the frozen modules included)."""

@@ -90,17 +90,20 @@ class Stepper:
 
     ``encode(images) -> latents`` runs the frozen VAE (the product: fp32, outside the engine);
     ``optimizer`` holds the param groups whose ``base_lr`` ``lr_at(step)`` scales each step
-    (None: leave the LRs alone).
+    (None: leave the LRs alone); ``ema`` (:class:`vpd_ray.engine.ema.EMA`, None when
+    ``train.ema_decay`` is 0) is updated after every optimizer step.
     """
 
     def __init__(self, engine: Engine, tasks: dict[str, Any], encode: Callable[[torch.Tensor], torch.Tensor], *,
                  accum: int = 1, seed: int = 0, device: torch.device | None = None, optimizer: Any = None,
-                 lr_at: Callable[[int], float] | None = None, nan_policy: str = "skip", max_nan_skips: int = 10):
+                 lr_at: Callable[[int], float] | None = None, nan_policy: str = "skip", max_nan_skips: int = 10,
+                 ema: Any = None):
         self.engine, self.tasks, self.encode = engine, tasks, encode
         self.accum, self.seed, self.device = accum, seed, device or torch.device("cpu")
         self.optimizer, self.lr_at = optimizer, lr_at
         self.nan_policy, self.max_nan_skips = nan_policy, max_nan_skips
         self.nan_skips = 0  # over the run; checkpointed by the trainer
+        self.ema = ema
 
     def task_for(self, step: int, micro: int) -> str:
         """Task of a micro-batch, drawn by ``batch_share``; the same on every rank and after a resume."""
@@ -150,4 +153,6 @@ class Stepper:
             self.engine.step()
             total += loss.detach()
             micro += 1
+        if self.ema is not None:  # the accum-th engine.step above stepped the optimizer
+            self.ema.update()
         return total / self.accum

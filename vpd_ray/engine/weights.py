@@ -3,7 +3,8 @@
 A full checkpoint at SD-1.5 size is about 11.5 GiB (fp32 masters and both AdamW moments); the
 weights alone, in the training dtype, plus the frozen fp32 modules are about 2 GiB. Each is a
 complete model package (``model.safetensors``, ``config.yaml``, ``architecture.json``), so
-``evaluate``, ``infer`` and ``export`` take it as it is, and a run can restart from it by hand.
+``evaluate``, ``infer`` and ``export`` take it as it is, and a run can restart from it by hand. Under
+``train.ema_eval`` the trainable weights in it are the EMA (what validation scores), in the training dtype.
 
 They are written to ``<storage_path>/<run name>/weights/step_N`` through pyarrow's filesystem
 layer (a local folder, S3, GCS), first under a temporary name, then moved into place, so a
