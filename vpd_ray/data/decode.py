@@ -7,7 +7,9 @@ naming the shard and key, and is never parsed. Known fields a task did not ask f
 without being decoded.
 
 Decoded sample (see docs/architecture.md): ``image`` uint8 HxWx3, ``depth`` float32 HxW metres,
-``label`` / ``mask`` uint8 HxW, ``meta`` dict, plus ``__key__`` and ``__url__``.
+``label`` / ``mask`` uint8 HxW, ``meta`` dict, ``caption`` str (a ``txt`` field, UTF-8), plus
+``__key__`` and ``__url__``. A caption is optional: a sample without one is not corrupt, and the
+task that reads captions (``context: caption``) names a shard without them in its own error.
 
 Images that cannot be shown as 8-bit RGB as they are (16-bit, palette, alpha, CMYK, grayscale) are
 converted as a viewer shows them or refused with a ValueError naming why (:func:`decode_image`),
@@ -42,7 +44,11 @@ KNOWN_FIELDS = {
     "label.png": "label",
     "mask.png": "mask",
     "json": "meta",
+    "txt": "caption",
 }
+# Decoded where present, never required here: a task that needs one raises its own error (a whole
+# shard set without captions is a setup error, not corrupt samples to skip).
+OPTIONAL_FIELDS = ("txt",)
 DEPTH_SCALE = 1000.0  # depth PNGs hold uint16 millimetres
 # The VAE encodes 8x8 pixels into one latent cell: a smaller image is less than one cell of content.
 MIN_SIDE = 8
@@ -154,6 +160,7 @@ _DECODERS = {
     "label": decode_index_png,
     "mask": decode_index_png,
     "meta": lambda data: json.loads(data.decode("utf-8")),
+    "caption": lambda data: data.decode("utf-8").strip(),
 }
 
 
@@ -198,7 +205,8 @@ def decode_sample(raw: dict[str, bytes], key: str, url: str, wanted: set[str]) -
             sample[name] = _DECODERS[name](data)
         except Exception as err:  # PIL and json raise many types for bad bytes
             raise CorruptSampleError(f"shard {url}, key {key}, field {ext}: {type(err).__name__}: {err}") from None
-    missing = {KNOWN_FIELDS[ext] for ext in wanted} - set(sample) if wanted != set(KNOWN_FIELDS) else set()
+    required = {KNOWN_FIELDS[ext] for ext in wanted if ext not in OPTIONAL_FIELDS}
+    missing = required - set(sample) if wanted != set(KNOWN_FIELDS) else set()
     if missing:
         raise CorruptSampleError(f"shard {url}, key {key}: missing field(s) {sorted(missing)}")
     return sample

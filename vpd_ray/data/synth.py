@@ -41,6 +41,11 @@ REFER_SHAPES = ("circle", "square", "triangle")
 # Every word the refer sentences use: the tiny CLIP tokenizer (tasks/refer.py) gives each its own token.
 SYNTH_REFER_WORDS = ("the", "one", "on", "object", "left", "right", "leftmost", "rightmost", *REFER_COLOURS, *REFER_SHAPES)
 MAX_DEPTH_MM = 10000
+# Every word of the synthetic captions (:func:`synth_caption`): the tiny CLIP tokenizer of ``context:
+# caption`` (tasks/context.py) gives each its own token, as it does the refer words.
+SYNTH_CAPTION_WORDS = ("a", "with", "boxes", "on", "checkered", "floor", "wall", "above", "and", "shapes",
+                       "bathroom", "bedroom", "kitchen", "living", "room", "office",
+                       "circles", "squares", "triangles", "rings")
 
 
 def _json(meta: dict) -> bytes:
@@ -264,3 +269,31 @@ def synth_items(kind: str, n: int, seed: int, hw: tuple[int, int] | None = None)
     est = hw[0] * hw[1] // 2
     return [SourceItem(key=f"synth_{kind}_s{seed}_{i:07d}", load=functools.partial(RENDERERS[kind], seed, i, hw),
                        est_bytes=est, source=f"synth-{kind}/{seed}/{i}") for i in range(n)]
+
+
+# --- captions -------------------------------------------------------------------------------------
+
+def synth_caption(sample: dict) -> str:
+    """A true caption of a decoded synthetic depth or seg sample, from what the generator put there:
+    depth, the room's scene class (every room has boxes standing on a checkered floor); seg, the shape
+    classes its label map holds ("circles and rings on a wall above a floor")."""
+    meta = sample.get("meta") or {}
+    if "scene" in meta:
+        return f"a {meta['scene'].replace('_', ' ')} with boxes on a checkered floor"
+    if "label" in sample:
+        present = set(np.unique(sample["label"]).tolist())
+        shapes = [f"{SEG_CLASSES[k]}s" for k in range(3, len(SEG_CLASSES)) if k in present]
+        listed = ", ".join(shapes[:-1]) + f" and {shapes[-1]}" if len(shapes) > 1 else "".join(shapes) or "shapes"
+        return f"{listed} on a wall above a floor"
+    raise ValueError(f"sample {sample.get('__key__')!r} is no synthetic depth or seg sample (no scene, no label)")
+
+
+class SynthCaptioner:
+    """:func:`synth_caption` in the captioning job's interface (``vpd_ray.data.captions``): the fields
+    it reads, and a list of decoded samples in, their captions out. For tests and the sample run:
+    true captions without a captioning model."""
+
+    fields = None  # every field a sample has: depth and seg samples differ
+
+    def __call__(self, samples: list[dict]) -> list[str]:
+        return [synth_caption(sample) for sample in samples]

@@ -7,7 +7,8 @@ the step stored in the checkpoint instead of restoring scheduler state.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
@@ -31,15 +32,23 @@ def param_groups(
 
     Each group carries ``base_lr`` (``lr`` times the UNet multiplier where it applies), which the
     schedule factor scales every step. Empty groups are dropped (DeepSpeed rejects them).
+
+    A parameter that carries its own multiplier, ``param.lr_mult`` (the learned prompt tokens of
+    ``context: learned``, ``tasks.<name>.prompt_lr_mult``: :class:`vpd_ray.model.text.PromptTokens`),
+    goes to a group of its own at ``lr * lr_mult`` (``lr_x<mult>``, decay or not by the same rule),
+    after the four above: a model without such parameters gets exactly the groups it always got.
     """
     buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    names: dict[tuple[bool, bool], list[str]] = {}
+    own: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in named_params:
         if not param.requires_grad:
             continue
+        mult = getattr(param, "lr_mult", None)
+        if mult is not None:
+            own.setdefault((float(mult), _is_no_decay(name, param)), []).append(param)
+            continue
         key = (_is_unet(name), _is_no_decay(name, param))
         buckets.setdefault(key, []).append(param)
-        names.setdefault(key, []).append(name)
     groups = []
     for (unet, no_decay), params in sorted(buckets.items()):
         base_lr = lr * (unet_lr_mult if unet else 1.0)
@@ -52,6 +61,10 @@ def param_groups(
                 "group_name": f"{'unet' if unet else 'other'}{'_no_decay' if no_decay else ''}",
             }
         )
+    for (mult, no_decay), params in sorted(own.items()):
+        groups.append({"params": params, "lr": lr * mult, "base_lr": lr * mult,
+                       "weight_decay": 0.0 if no_decay else weight_decay,
+                       "group_name": f"lr_x{mult:g}{'_no_decay' if no_decay else ''}"})
     return groups
 
 

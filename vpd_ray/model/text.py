@@ -1,17 +1,27 @@
-"""The text side: class names, CLIP prompt templates, class embeddings and sentence tokens.
+"""The text side: class names, CLIP prompt templates, class embeddings, sentence tokens and learned prompts.
 
 Class embeddings follow VPD: each class name fills the 80 ImageNet prompt templates, CLIP's text
 model encodes them (max length 20, pooled output) and the 80 vectors are averaged. They are computed
 once (``python -m vpd_ray.embeddings``) and stored as safetensors, so training never runs CLIP for
-depth or segmentation. transformers is imported where used.
+depth or segmentation in their default ``context: class``. transformers is imported where used.
+
+Per-sample text (refer's sentences, depth's and seg's captions under ``context: caption``) goes
+through :class:`FrozenCLIPText`: tokenised in the data transform, encoded on the batch's device by a
+frozen CLIP text model that a task owns outside the ``nn.Module`` tree (no optimizer state, no ZeRO
+partitioning, not in checkpoints: a package names it by path). ``"tiny"`` stands for a seeded
+random CLIP for the tiny backbone. Learned prompt tokens (``context: learned``, MetaPrompts) are
+:class:`PromptTokens`, trained parameters like any other.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
+from torch import nn
 
 CLASS_EMBEDDINGS_KEY = "class_embeddings"  # tensor name inside the safetensors file, [N, D]
 CLASS_MAX_LENGTH = 20
@@ -167,3 +177,170 @@ def load_class_embeddings(path: str, num_classes: int | None = None, dim: int | 
     if tuple(vectors.shape) != expected:
         raise ValueError(f"class embeddings in {path!r} have shape {list(vectors.shape)}, expected {list(expected)}")
     return vectors.float()
+
+
+# --- per-sample text: a frozen CLIP text encoder a task owns ------------------------------------
+
+TINY = "tiny"  # a seeded random 2-layer CLIP text model + BPE tokenizer, for the tiny backbone
+CLIP_MAX_TOKENS = 77  # CLIP's position embeddings
+
+
+def load_clip(kind: str, path: str) -> Any:
+    """``transformers.<kind>.from_pretrained(path)`` with a one-line error naming the path."""
+    import transformers
+
+    from vpd_ray.errors import first_line
+
+    try:
+        return getattr(transformers, kind).from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load a {kind} from {path!r}: {first_line(err)}") from None
+
+
+def _bpe(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Apply BPE merges (lowest rank first) to one word's symbols, as ``CLIPTokenizer`` does."""
+    while len(parts) > 1:
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(itertools.pairwise(parts)))
+        if rank == len(ranks):
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+    return parts
+
+
+def tiny_clip_tokenizer(words: Sequence[str]) -> Any:
+    """A CLIP BPE tokenizer over printable ASCII characters plus whole-word tokens for ``words`` (the
+    synthetic samples' words), as real CLIP has single tokens for common words.
+
+    Each word's merges join the pieces that earlier merges leave, left to right, so every listed word
+    is one token and any other text falls back to characters.
+    """
+    import json
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    chars = [chr(c) for c in range(33, 127)]
+    tokens = chars + [c + "</w>" for c in chars]
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        parts = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(parts) > 1:
+            ranks[(parts[0], parts[1])] = len(ranks)
+            parts = [parts[0] + parts[1]] + parts[2:]
+            tokens.append(parts[0])
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as root:
+        vocab, merges = os.path.join(root, "vocab.json"), os.path.join(root, "merges.txt")
+        with open(vocab, "w") as f:
+            json.dump({t: i for i, t in enumerate(dict.fromkeys(tokens))}, f)
+        with open(merges, "w") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in ranks))  # insertion order = rank
+        return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def tiny_clip_text_model(width: int, tokenizer: Any) -> nn.Module:
+    """A 2-layer CLIP text model of ``width`` over ``tokenizer``'s vocabulary, identical in every
+    process (seed 0): it is never saved.
+
+    Token embeddings are drawn with std 1 instead of CLIP's 0.02: at 0.02 the random layers and
+    position embeddings blur different sentences into near-identical hidden states (cosine 0.8-0.9
+    at the differing words), while a trained CLIP keeps words apart.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=CLIP_MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIPTextModel(config)
+        torch.nn.init.normal_(model.embeddings.token_embedding.weight, std=1.0)
+        return model
+
+
+class FrozenCLIPText:
+    """A frozen CLIP text model + tokenizer that a task owns (not a submodule: see the module docstring).
+
+    ``text_encoder``: a transformers folder or hub id, or ``"tiny"`` (whose tokenizer has whole-word
+    tokens for ``tiny_words``); ``tokenizer``: its own folder / id, None for the encoder's. Loader
+    workers use only :meth:`tokenize` (the tokenizer loads on first use); the model side calls
+    :meth:`build` once (``Task.build_head``), then :meth:`encode` on each batch's device.
+    """
+
+    def __init__(self, owner: str, text_encoder: str, tokenizer: str | None, max_tokens: int,
+                 tiny_words: Sequence[str] = ()):
+        self.owner, self.text_encoder, self.tokenizer_path = owner, text_encoder, tokenizer or text_encoder
+        self.max_tokens, self.tiny_words = max_tokens, tuple(tiny_words)
+        self._tokenizer: Any = None
+        self._model: nn.Module | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            path = self.tokenizer_path
+            self._tokenizer = tiny_clip_tokenizer(self.tiny_words) if path == TINY else load_clip("CLIPTokenizer", path)
+        return self._tokenizer
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """``[N, max_tokens]`` CLIP ids, padded / truncated like the reference's ``FrozenCLIPEmbedder``."""
+        out = self.tokenizer(list(texts), max_length=self.max_tokens, padding="max_length", truncation=True,
+                             return_tensors="pt")  # fmt: skip
+        return out.input_ids
+
+    def build(self, width: int) -> nn.Module:
+        """Load (or, for ``"tiny"``, make) the text model, frozen, and check it is ``width``-d (the backbone's
+        context width)."""
+        if self.text_encoder == TINY:
+            model = tiny_clip_text_model(width, self.tokenizer)
+        else:
+            model = load_clip("CLIPTextModel", self.text_encoder)
+        self._model = model.eval().requires_grad_(False)
+        if model.config.hidden_size != width:
+            raise ValueError(
+                f"CLIP text model {self.text_encoder!r} is {model.config.hidden_size}-d but the backbone's context is "
+                f"{width}-d (SD v1 needs CLIP ViT-L/14, 768-d)"
+            )
+        return self._model
+
+    def model(self, device: torch.device) -> nn.Module:
+        """The frozen text model (made by :meth:`build`) on ``device``."""
+        if self._model is None:
+            raise RuntimeError(f"the {self.owner} task's text model is built by build_head (VPDModel calls it) before use")
+        if self._model.device != device:
+            self._model.to(device)
+        return self._model
+
+    @torch.no_grad()
+    def encode(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """CLIP ``last_hidden_state`` of ``ids`` ``[B, T]`` -> ``[B, T, D]`` in ``dtype``."""
+        return self.model(ids.device)(input_ids=ids).last_hidden_state.to(dtype)
+
+
+# --- learned prompts ------------------------------------------------------------------------------
+
+class PromptTokens(nn.Module):
+    """``count`` learned context tokens ``[count, D]`` (MetaPrompts' meta prompts), the same for every
+    image: ``forward(B)`` -> ``[B, count, D]``. A module (not a bare parameter read from outside), so
+    that ZeRO-3 gathers the tokens in its forward hook like any layer's weights.
+
+    Drawn from a fixed seed (N(0, 1), as MetaPrompts' ``torch.randn``), so building a model draws
+    nothing from the global generator. ``lr_mult`` rides on the parameter (``tokens.lr_mult``), where
+    :func:`vpd_ray.engine.optim.param_groups` reads it: the optimizer sees only named parameters.
+    """
+
+    def __init__(self, count: int, dim: int, lr_mult: float = 1.0, seed: int = 0):
+        super().__init__()
+        self.lr_mult = float(lr_mult)
+        self.tokens = nn.Parameter(torch.randn(count, dim, generator=torch.Generator().manual_seed(seed)))
+        self.tokens.lr_mult = self.lr_mult
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """``copy.deepcopy`` rebuilds parameters without their attributes: put ``lr_mult`` back."""
+        super().__setstate__(state)
+        self.tokens.lr_mult = self.lr_mult
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        # a copy, not a view of the parameter: ZeRO-3 frees a gathered parameter after this forward
+        return self.tokens[None].repeat(batch_size, 1, 1)

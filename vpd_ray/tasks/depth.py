@@ -1,22 +1,27 @@
 """Monocular depth (NYUv2), VPD's protocol: one scene-class token of context, SiLog loss, and the
-test-time sliding windows with flips. The data side calls ``vpd_ray.data.augment.depth``."""
+test-time sliding windows with flips. The data side calls ``vpd_ray.data.augment.depth``.
+
+``context: learned`` / ``caption`` (MetaPrompts, EVP / TADP) replace the class token by learned prompt
+tokens or the image's caption: :mod:`vpd_ray.tasks.context`."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
+from vpd_ray.contracts import Batch, Sample
 from vpd_ray.metrics.depth import DepthMetric
 from vpd_ray.tasks import register_task
-from vpd_ray.contracts import Batch, Sample
 from vpd_ray.tasks.base import Task, TaskConfig, check_hw, image_of
+from vpd_ray.tasks.context import CAPTION, CLASS, ContextOptions, TaskContext
 
 
 @dataclasses.dataclass
-class DepthConfig(TaskConfig):
-    """Options under ``tasks.depth``."""
+class DepthConfig(ContextOptions, TaskConfig):
+    """Options under ``tasks.depth`` (the context keys: :class:`~vpd_ray.tasks.context.ContextOptions`)."""
 
     renamed: ClassVar[dict[str, str]] = {**TaskConfig.renamed, "flip_test": "test_flip"}
 
@@ -31,6 +36,7 @@ class DepthConfig(TaskConfig):
 
     def __post_init__(self) -> None:
         check_hw("tasks.depth.crop_size", self.crop_size)
+        self.check_context("tasks.depth")
         if not 0 < self.min_depth < self.max_depth:
             raise ValueError(f"tasks.depth needs 0 < min_depth < max_depth, got {self.min_depth}, {self.max_depth}")
 
@@ -113,16 +119,27 @@ class DepthTask(Task):
     output_kind = "depth"
     cfg: DepthConfig
 
+    def __init__(self, cfg: DepthConfig):
+        super().__init__(cfg)
+        # learned / caption context (None: the class token, VPD's path below)
+        self.text_context = TaskContext(self.name, cfg) if cfg.context != CLASS else None
+        if self.text_context is not None:
+            self.fields = self.text_context.fields(type(self).fields)
+            self.inference_inputs = ("sentence",) if cfg.context == CAPTION else ()  # the caption
+
     # --- model side -------------------------------------------------------------------------
     def context_tokens(self) -> int:
-        return 1
+        return 1 if self.text_context is None else self.text_context.tokens(1)
 
     def build_head(self, backbone: Any) -> torch.nn.Module:
-        """The depth head; registers ``backbone.class_embeddings[class_set]`` if not there yet."""
+        """The depth head; registers ``backbone.class_embeddings[class_set]`` if not there yet (the
+        prompt tokens or the text model instead, under the other contexts)."""
         from vpd_ray.model.backbone import ClassEmbeddings
         from vpd_ray.model.heads.depth import DepthHead
 
-        if self.cfg.class_set not in backbone.class_embeddings:
+        if self.text_context is not None:
+            self.text_context.build(backbone)
+        elif self.cfg.class_set not in backbone.class_embeddings:
             from vpd_ray.model.text import class_names, class_vectors
 
             count = len(class_names(self.cfg.class_set))
@@ -131,7 +148,10 @@ class DepthTask(Task):
         return DepthHead(backbone.feature_info(), head_dim=self.cfg.head_dim, max_depth=self.cfg.max_depth)
 
     def context(self, backbone: Any, batch: Batch) -> torch.Tensor:
-        """The scene's class embedding as one token ``[B, 1, D]`` (class id -1: mean of all classes)."""
+        """The scene's class embedding as one token ``[B, 1, D]`` (class id -1: mean of all classes);
+        under ``context: learned`` / ``caption``, the prompt tokens or the caption's CLIP encoding."""
+        if self.text_context is not None:
+            return self.text_context.context(backbone, batch)
         return backbone.class_embeddings[self.cfg.class_set](batch["class_id"])[:, None]
 
     def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -148,7 +168,8 @@ class DepthTask(Task):
         from vpd_ray.data.augment.depth import train_augment
 
         image, depth, params = train_augment(sample["image"], sample["depth"], rng, tuple(self.cfg.crop_size))
-        return {"image": image, "depth": depth, "class_id": self._class_id(sample), "photometric": params}
+        out = {"image": image, "depth": depth, "class_id": self._class_id(sample), "photometric": params}
+        return out if self.text_context is None else {**out, **self.text_context.sample_inputs(sample)}
 
     def augment_on_device(self, batch: Batch) -> Batch:
         """Brightness/contrast, gamma and HSV with the transform's parameters; uint8 image -> float [0,1].
@@ -163,12 +184,15 @@ class DepthTask(Task):
         from vpd_ray.data.augment.depth import eval_transform
 
         image, depth = eval_transform(sample["image"], sample["depth"])
-        return {"image": image, "depth": depth, "class_id": self._class_id(sample)}
+        out = {"image": image, "depth": depth, "class_id": self._class_id(sample)}
+        return out if self.text_context is None else {**out, **self.text_context.sample_inputs(sample)}
 
     def inference_batch(self, pixels: torch.Tensor, inputs: list[dict[str, Any]], protocol: bool) -> Batch:
         """Each image's scene class where its meta names one (NYU shards, as evaluation does), else -1:
         the mean class embedding, VPD.md's default for photos of unknown scenes."""
         ids = torch.stack([self._class_id(item) for item in inputs]).to(pixels.device)
+        if self.text_context is not None:
+            return {"image": pixels, "class_id": ids, **self.text_context.inference_inputs(inputs, pixels.device)}
         return {"image": pixels, "class_id": ids}
 
     # --- pictures -------------------------------------------------------------------------------

@@ -13,19 +13,19 @@ DeepSpeed's ZeRO partitioning and out of checkpoints, and a model package names 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vpd_ray.errors import first_line
-from vpd_ray.metrics.refer import PRECISION_THRESHOLDS, ReferMetric
-from vpd_ray.tasks import register_task
 from vpd_ray.contracts import Batch, Sample
+from vpd_ray.data.synth import SYNTH_REFER_WORDS
+from vpd_ray.metrics.refer import PRECISION_THRESHOLDS, ReferMetric
+from vpd_ray.model.text import TINY, FrozenCLIPText
+from vpd_ray.tasks import register_task
 from vpd_ray.tasks.base import Task, TaskConfig, image_of
-
-TINY = "tiny"
 
 
 @dataclasses.dataclass
@@ -72,30 +72,20 @@ class ReferTask(Task):
 
     def __init__(self, cfg: ReferConfig):
         super().__init__(cfg)
-        self._tokenizer = None
-        self._text_model = None
+        self.text = FrozenCLIPText(self.name, cfg.text_encoder, cfg.tokenizer, cfg.max_tokens, SYNTH_REFER_WORDS)
 
     # --- text side (lazy: loader workers need only the tokenizer, the model side only the encoder) ------
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            path = self.cfg.tokenizer or self.cfg.text_encoder
-            self._tokenizer = tiny_clip_tokenizer() if path == TINY else _load_clip("CLIPTokenizer", path)
-        return self._tokenizer
+        return self.text.tokenizer
 
     def text_model(self, device: torch.device) -> torch.nn.Module:
         """The frozen CLIP text model (built by :meth:`build_head`) on ``device``."""
-        if self._text_model is None:
-            raise RuntimeError("the refer task's text model is built by build_head (VPDModel calls it) before use")
-        if self._text_model.device != device:
-            self._text_model.to(device)
-        return self._text_model
+        return self.text.model(device)
 
     def tokenize(self, sentences: list[str]) -> torch.Tensor:
         """``[N, max_tokens]`` CLIP ids, padded / truncated like the reference's ``FrozenCLIPEmbedder``."""
-        out = self.tokenizer(sentences, max_length=self.cfg.max_tokens, padding="max_length", truncation=True,
-                             return_tensors="pt")  # fmt: skip
-        return out.input_ids
+        return self.text.tokenize(sentences)
 
     # --- model side -------------------------------------------------------------------------
     def inference_batch(self, pixels: torch.Tensor, inputs: list[dict[str, Any]], protocol: bool) -> Batch:
@@ -120,25 +110,13 @@ class ReferTask(Task):
     def build_head(self, backbone: Any) -> torch.nn.Module:
         from vpd_ray.model.heads.refer import ReferDecoder
 
-        if self.cfg.text_encoder == TINY:
-            model = tiny_clip_text_model(backbone.text_dim)
-        else:
-            model = _load_clip("CLIPTextModel", self.cfg.text_encoder)
-        self._text_model = model.eval().requires_grad_(False)
-        width = model.config.hidden_size
-        if width != backbone.text_dim:
-            raise ValueError(
-                f"CLIP text model {self.cfg.text_encoder!r} is {width}-d but the backbone's context is "
-                f"{backbone.text_dim}-d (SD v1 needs CLIP ViT-L/14, 768-d)"
-            )
+        self.text.build(backbone.text_dim)
         return ReferDecoder(backbone.feature_info(self.context_tokens()), hidden=self.cfg.decoder_hidden or None)
 
     @torch.no_grad()
     def context(self, backbone: Any, batch: Batch) -> torch.Tensor:
         """CLIP ``last_hidden_state`` of ``batch["input_ids"]`` ``[B, T]`` -> ``[B, T, D]`` in the backbone's dtype."""
-        ids = batch["input_ids"]
-        hidden = self.text_model(ids.device)(input_ids=ids).last_hidden_state
-        return hidden.to(next(backbone.text_adapter.parameters()).dtype)
+        return self.text.encode(batch["input_ids"], next(backbone.text_adapter.parameters()).dtype)
 
     def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         weight = torch.tensor(self.cfg.class_weights, dtype=torch.float32, device=outputs.device)
@@ -219,77 +197,16 @@ class ReferTask(Task):
         return values, None
 
 
-def _load_clip(kind: str, path: str) -> Any:
-    """``transformers.<kind>.from_pretrained(path)`` with a one-line error naming the path."""
-    import transformers
-
-    try:
-        return getattr(transformers, kind).from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load a {kind} from {path!r}: {first_line(err)}") from None
-
-
-def _bpe(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Apply BPE merges (lowest rank first) to one word's symbols, as ``CLIPTokenizer`` does."""
-    while len(parts) > 1:
-        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(parts, parts[1:])))
-        if rank == len(ranks):
-            break
-        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
-    return parts
-
-
 def tiny_clip_tokenizer() -> Any:
-    """A CLIP BPE tokenizer over printable ASCII characters plus whole-word tokens for the synthetic
-    sample's words (``SYNTH_REFER_WORDS``), as real CLIP has single tokens for common words.
+    """The refer task's ``"tiny"`` tokenizer: whole-word tokens for the synthetic sample's words
+    (``SYNTH_REFER_WORDS``), characters for anything else (:func:`vpd_ray.model.text.tiny_clip_tokenizer`)."""
+    from vpd_ray.model.text import tiny_clip_tokenizer as tokenizer_of
 
-    Each word's merges join the pieces that earlier merges leave, left to right, so every listed word
-    is one token and any other text falls back to characters.
-    """
-    import json
-    import os
-    import tempfile
-
-    from transformers import CLIPTokenizer
-
-    from vpd_ray.data.synth import SYNTH_REFER_WORDS
-
-    chars = [chr(c) for c in range(33, 127)]
-    tokens = chars + [c + "</w>" for c in chars]
-    ranks: dict[tuple[str, str], int] = {}
-    for word in SYNTH_REFER_WORDS:
-        parts = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
-        while len(parts) > 1:
-            ranks[(parts[0], parts[1])] = len(ranks)
-            parts = [parts[0] + parts[1]] + parts[2:]
-            tokens.append(parts[0])
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as root:
-        vocab, merges = os.path.join(root, "vocab.json"), os.path.join(root, "merges.txt")
-        with open(vocab, "w") as f:
-            json.dump({t: i for i, t in enumerate(dict.fromkeys(tokens))}, f)
-        with open(merges, "w") as f:
-            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in ranks))  # insertion order = rank
-        return CLIPTokenizer(vocab=vocab, merges=merges)
+    return tokenizer_of(SYNTH_REFER_WORDS)
 
 
 def tiny_clip_text_model(width: int) -> torch.nn.Module:
-    """A 2-layer CLIP text model of ``width``, identical in every process (seed 0): it is never saved.
+    """The refer task's ``"tiny"`` CLIP text model of ``width`` (seed 0, never saved)."""
+    from vpd_ray.model.text import tiny_clip_text_model as model_of
 
-    Token embeddings are drawn with std 1 instead of CLIP's 0.02: at 0.02 the random layers and
-    position embeddings blur different sentences into near-identical hidden states (cosine 0.8-0.9
-    at the differing words), while a trained CLIP keeps words apart.
-    """
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = tiny_clip_tokenizer()
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = CLIPTextModel(config)
-        torch.nn.init.normal_(model.embeddings.token_embedding.weight, std=1.0)
-        return model
+    return model_of(width, tiny_clip_tokenizer())

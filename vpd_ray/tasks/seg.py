@@ -1,29 +1,35 @@
 """Semantic segmentation (ADE20K), VPD's protocol: all class embeddings as context with attention maps,
 Semantic FPN, cross entropy with ignore 255, and mmseg's test protocols (single scale or multi-scale +
-flip, whole image or sliding windows). The data side calls ``vpd_ray.data.augment.seg``."""
+flip, whole image or sliding windows). The data side calls ``vpd_ray.data.augment.seg``.
+
+``context: learned`` / ``caption`` (MetaPrompts, EVP / TADP) replace the class embeddings by learned
+prompt tokens or the image's caption (T attention-map channels follow): :mod:`vpd_ray.tasks.context`."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vpd_ray.contracts import Batch, Sample
 from vpd_ray.metrics.seg import SegMetric
 from vpd_ray.tasks import register_task
-from vpd_ray.contracts import Batch, Sample
 from vpd_ray.tasks.base import Task, TaskConfig, check_hw, image_of
+from vpd_ray.tasks.context import CAPTION, CLASS, ContextOptions, TaskContext
 
 TEST_MODES = ("whole", "slide")
 
 
 @dataclasses.dataclass
-class SegConfig(TaskConfig):
-    """Options under ``tasks.seg``. Defaults are the reference ADE20K run; tiny runs shrink the sizes."""
+class SegConfig(ContextOptions, TaskConfig):
+    """Options under ``tasks.seg``. Defaults are the reference ADE20K run; tiny runs shrink the sizes.
+    The context keys: :class:`~vpd_ray.tasks.context.ContextOptions`."""
 
-    num_classes: int = 150  # classes = context tokens (T); synthetic data: its K
+    num_classes: int = 150  # classes = context tokens (T) under context: class; synthetic data: its K
     class_set: str = "ade20k"  # name of the class-embedding set on the backbone; names for per-class IoU
     class_embeddings: str | None = None  # safetensors from `python -m vpd_ray.embeddings`; None: seeded random
     reduce_zero_label: bool = True  # ADE20K: label 0 ("other") -> 255 (ignored), k -> k-1
@@ -42,6 +48,7 @@ class SegConfig(TaskConfig):
 
     def __post_init__(self) -> None:
         check_hw("tasks.seg.crop_size", self.crop_size)
+        self.check_context("tasks.seg")
         if self.test_mode not in TEST_MODES:
             raise ValueError(f"tasks.seg.test_mode: {self.test_mode!r} is not one of {', '.join(TEST_MODES)}")
 
@@ -125,22 +132,33 @@ class SegTask(Task):
     output_kind = "labels"
     cfg: SegConfig
 
+    def __init__(self, cfg: SegConfig):
+        super().__init__(cfg)
+        # learned / caption context (None: every class embedding, VPD's path below)
+        self.text_context = TaskContext(self.name, cfg) if cfg.context != CLASS else None
+        if self.text_context is not None:
+            self.fields = self.text_context.fields(type(self).fields)
+            self.inference_inputs = ("sentence",) if cfg.context == CAPTION else ()  # the caption
+
     # --- model side -------------------------------------------------------------------------
     @property
     def uses_attention_maps(self) -> bool:
         return True
 
     def context_tokens(self) -> int:
-        return self.cfg.num_classes
+        return self.cfg.num_classes if self.text_context is None else self.text_context.tokens(self.cfg.num_classes)
 
     def build_head(self, backbone: Any) -> torch.nn.Module:
-        """Semantic FPN on ``feature_info(K)``; registers ``backbone.class_embeddings[class_set]``."""
+        """Semantic FPN on ``feature_info(T)``; registers ``backbone.class_embeddings[class_set]`` (the
+        prompt tokens or the text model instead, under the other contexts)."""
         from vpd_ray.model.backbone import ClassEmbeddings
         from vpd_ray.model.heads.seg import SemanticFPNHead
         from vpd_ray.model.text import class_vectors
 
         name = self.cfg.class_set
-        if name not in backbone.class_embeddings:
+        if self.text_context is not None:
+            self.text_context.build(backbone)
+        elif name not in backbone.class_embeddings:
             backbone.class_embeddings[name] = ClassEmbeddings(
                 class_vectors(self.cfg.num_classes, self.cfg.class_embeddings, backbone.text_dim))
         elif backbone.class_embeddings[name].num_classes != self.cfg.num_classes:
@@ -157,7 +175,10 @@ class SegTask(Task):
         )
 
     def context(self, backbone: Any, batch: Batch) -> torch.Tensor:
-        """Every class embedding for every image: ``[B, K, D]`` (the mean row is left out)."""
+        """Every class embedding for every image: ``[B, K, D]`` (the mean row is left out); under
+        ``context: learned`` / ``caption``, the prompt tokens or the caption's CLIP encoding ``[B, T, D]``."""
+        if self.text_context is not None:
+            return self.text_context.context(backbone, batch)
         vectors = backbone.class_embeddings[self.cfg.class_set].weight[:-1]  # [K, D]
         return vectors[None].expand(batch["image"].shape[0], -1, -1)
 
@@ -213,10 +234,11 @@ class SegTask(Task):
     def train_transform(self, sample: Sample, rng: Any) -> dict[str, Any]:
         from vpd_ray.data.augment.seg import seg_train_augment
 
-        return seg_train_augment(
+        out = seg_train_augment(
             sample["image"], self._label(sample), rng, self.cfg.scale, self.cfg.ratio_range, tuple(self.cfg.crop_size),
             self.cfg.cat_max_ratio,
         )  # fmt: skip
+        return out if self.text_context is None else {**out, **self.text_context.sample_inputs(sample)}
 
     def augment_on_device(self, batch: Batch) -> Batch:
         """mmseg's photometric distortion with the transform's parameters, then the image padding (0.5);
@@ -229,6 +251,8 @@ class SegTask(Task):
         return {**batch, "image": fill_padding(image, batch["image_hw"])}
 
     def inference_batch(self, pixels: torch.Tensor, inputs: list[dict[str, Any]], protocol: bool) -> Batch:
+        if self.text_context is not None:  # the prompts (nothing per image) or each image's caption
+            return {"image": pixels, **self.text_context.inference_inputs(inputs, pixels.device)}
         return {"image": pixels}  # the context is every class embedding, whatever the image
 
     def eval_transform(self, sample: Sample) -> dict[str, Any]:
@@ -237,7 +261,8 @@ class SegTask(Task):
         ADE20K images differ in size, so evaluate with ``eval_batch_size: 1`` (the default).
         """
         image = torch.from_numpy(np.array(sample["image"])).permute(2, 0, 1).float() / 255.0
-        return {"image": image, "label": torch.from_numpy(self._label(sample)).long()}
+        out = {"image": image, "label": torch.from_numpy(self._label(sample)).long()}
+        return out if self.text_context is None else {**out, **self.text_context.sample_inputs(sample)}
 
     # --- report ---------------------------------------------------------------------------------
     score_label = "per-image mIoU (fraction, 0 to 1)"
