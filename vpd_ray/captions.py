@@ -19,8 +19,8 @@ outside the decode whitelist (the manifests then say incomplete).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+from typing import Any
 
 from vpd_ray.data.captions import (
     CaptionOptions,
@@ -29,7 +29,7 @@ from vpd_ray.data.captions import (
     plan_captions,
     run_caption_job,
 )
-from vpd_ray.errors import InputError, first_line
+from vpd_ray.ray_data_job import run_ray_data_job
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[CaptionOptions, argparse.Namespace]:
@@ -54,40 +54,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[CaptionOptions, argparse.
     return opts, args
 
 
-def quiet_ray_data() -> None:
-    """Ray Data's own INFO lines go to its log file only, as in ``python -m vpd_ray.infer``: the console
-    holds this job's progress lines and its summary or one-line error."""
-    import ray.data  # noqa: F401 - configures its loggers on import
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler):  # the console; the session log file is no stream
-            handler.setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     opts, args = parse_args(argv)
-    try:  # bad SHARDS / --model / --out: one line before any Ray process starts
-        check_captioner(opts.model)
-        plan = plan_captions(opts.shards, opts.out, caption_info(opts))
-    except (FileNotFoundError, ValueError, InputError) as err:
-        print(f"captions: {first_line(err)}", file=sys.stderr)
-        return 2
-    import ray
 
-    own_ray = not ray.is_initialized()  # a caller already connected (a notebook, a test) keeps its connection
-    if own_ray:
-        ray.init(address=args.ray_address, num_cpus=args.num_cpus, include_dashboard=False)
-    quiet_ray_data()
-    try:
-        summary = run_caption_job(opts, plan=plan)
-    except InputError as err:  # a refused shard: the same input fails the same way
-        print(f"captions: {first_line(err)}", file=sys.stderr)
-        return 2
-    finally:
-        if own_ray:
-            ray.shutdown()
-    print(summary.line(opts.out))
-    return 0
+    def check() -> Any:  # bad SHARDS / --model / --out
+        check_captioner(opts.model)
+        return plan_captions(opts.shards, opts.out, caption_info(opts))
+
+    code, summary = run_ray_data_job("captions", check, lambda plan: run_caption_job(opts, plan=plan),
+                                     args.ray_address, args.num_cpus)
+    if summary is not None:
+        print(summary.line(opts.out))
+    return code
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ Exit codes: 0 when every input was written or skipped; 1 when any failed (the re
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from vpd_ray.errors import InputError, first_line
 from vpd_ray.inference.runner import InferOptions, resolve_task, run_inference
 from vpd_ray.inference.sources import resolve_input
+from vpd_ray.ray_data_job import run_ray_data_job
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[InferOptions, argparse.Namespace]:
@@ -57,39 +56,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[InferOptions, argparse.Na
     return opts, args
 
 
-def quiet_ray_data() -> None:
-    """Ray Data's own INFO lines (execution plan, and its progress where the console is no
-    terminal: a dozen a job) go to its log file only, so the console holds this job's progress
-    lines and its summary or one-line error. Its warnings, and its progress bars in a terminal, stay."""
-    import ray.data  # noqa: F401 - configures its loggers on import
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler):  # the console; the session log file is no stream
-            handler.setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     opts, args = parse_args(argv)
-    try:  # a wrong --model/--task/--input is one line before any Ray process starts
+
+    def check() -> None:  # a wrong --model/--task/--input
         resolve_task(opts.model, opts.task)
         resolve_input(opts.input)
-    except (FileNotFoundError, ValueError, InputError) as err:
-        print(f"infer: {first_line(err)}", file=sys.stderr)
-        return 2
-    import ray
 
-    own_ray = not ray.is_initialized()  # a caller already connected (a notebook, a test) keeps its connection
-    if own_ray:
-        ray.init(address=args.ray_address, num_cpus=args.num_cpus, include_dashboard=False)
-    quiet_ray_data()
-    try:
-        summary = run_inference(opts)
-    except InputError as err:  # a refused shard: the same input fails the same way, so no summary
-        print(f"infer: {first_line(err)}", file=sys.stderr)
-        return 2
-    finally:
-        if own_ray:
-            ray.shutdown()
+    code, summary = run_ray_data_job("infer", check, lambda _: run_inference(opts), args.ray_address, args.num_cpus)
+    if summary is None:
+        return code
     print(summary.line(opts.output))
     return summary.exit_code
 
