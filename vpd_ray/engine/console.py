@@ -9,8 +9,12 @@ What the user reads comes through one small actor instead:
   the driver appends to ``<run dir>/errors.log`` rather than printing (the line also goes to
   ``<run dir>/events.log``, the run's record of starts, faults, resumes and checkpoints).
 
-A driver thread prints the lines as they arrive. Where there is no console (a Tune trial, a test
-calling the loop directly), :func:`say` logs through the worker's logger as before.
+A driver thread prints the lines as they arrive. While no worker group runs (before the first
+start, or after a fault until the restarted group's rank 0 calls :func:`started`) for ``WAIT_S``, it
+says what the group waits for,
+again every ``REPEAT_S``: Ray Train waits without limit for workers that do not fit, and its own
+lines about it are worker-side output the quiet console leaves out. Where there is no console (a
+Tune trial, a test calling the loop directly), :func:`say` logs through the worker's logger as before.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from vpd_ray.errors import fault_line
@@ -30,6 +35,7 @@ KEY = "console"  # the actor handle's key in train_loop_config
 ERRORS = "errors.log"
 EVENTS = "events.log"
 POLL_S = 0.5
+WAIT_S, REPEAT_S = 60.0, 300.0  # say what a worker group waits for after this long, then this often
 
 
 class Lines:
@@ -37,13 +43,17 @@ class Lines:
 
     def __init__(self) -> None:
         self.items: list[tuple[str, str | None]] = []
+        self.starts = 0  # worker groups that have started: :func:`started`
 
     def put(self, line: str, detail: str | None = None) -> None:
         self.items.append((line, detail))
 
-    def take(self) -> list[tuple[str, str | None]]:
+    def start(self) -> None:
+        self.starts += 1
+
+    def take(self) -> tuple[list[tuple[str, str | None]], int]:
         items, self.items = self.items, []
-        return items
+        return items, self.starts
 
 
 def on_driver_node(cls: type) -> Any:
@@ -54,6 +64,13 @@ def on_driver_node(cls: type) -> Any:
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return ray.remote(num_cpus=0, scheduling_strategy=here)(cls)
+
+
+def started(loop_config: dict[str, Any]) -> None:
+    """A worker group runs (its rank 0 calls this first): the console stops saying what it waits for."""
+    handle = loop_config.get(KEY)
+    if handle is not None:
+        handle.start.remote()
 
 
 def say(loop_config: dict[str, Any], line: str) -> None:
@@ -88,10 +105,14 @@ class ConsoleStream:
 
 
 class Console:
-    """Driver side, around ``fit``: ``with Console(run_dir) as console: ... {KEY: console.handle}``."""
+    """Driver side, around ``fit``: ``with Console(run_dir) as console: ... {KEY: console.handle}``.
 
-    def __init__(self, run_dir: str):
+    ``waiting()``: the line to say while no worker group runs (what it needs, what the cluster has)."""
+
+    def __init__(self, run_dir: str, waiting: Callable[[], str] | None = None):
         self.run_dir, self.errors = run_dir, os.path.join(run_dir, ERRORS)
+        self.waiting, self._waiting_since = waiting, time.monotonic()  # None while a worker group runs
+        self._starts = 0
         self.handle: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pump, name="vpd-console", daemon=True)
@@ -108,21 +129,31 @@ class Console:
 
         self._stop.set()
         self._thread.join()
-        self._print(ray.get(self.handle.take.remote()))
+        self._print(*ray.get(self.handle.take.remote()))
         ray.kill(self.handle)
 
     def _pump(self) -> None:
         import ray
 
         while not self._stop.wait(POLL_S):
-            self._print(ray.get(self.handle.take.remote()))
+            self._print(*ray.get(self.handle.take.remote()))
+            self._say_if_waiting()
 
-    def _print(self, items: list[tuple[str, str | None]]) -> None:
+    def _say_if_waiting(self) -> None:
+        if self.waiting is None or self._waiting_since is None or time.monotonic() - self._waiting_since < WAIT_S:
+            return
+        print(f"[vpd] {self.waiting()}", flush=True)
+        self._waiting_since = time.monotonic() + REPEAT_S - WAIT_S  # the next one in REPEAT_S
+
+    def _print(self, items: list[tuple[str, str | None]], starts: int) -> None:
+        if starts > self._starts:
+            self._starts, self._waiting_since = starts, None
         for line, detail in items:
             if detail is not None:  # a fault: on record in events.log, its traceback in errors.log
                 self.record(detail)
                 append_event(self.run_dir, line.removeprefix("[vpd] "))
                 line = f"{line} (traceback: {self.errors})"
+                self._waiting_since = time.monotonic()  # until the restarted group runs
             print(line, flush=True)
 
     def record(self, text: str) -> None:

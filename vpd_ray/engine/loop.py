@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from vpd_ray.engine import checkpoint as ckpt
 from vpd_ray.engine import ema, speed
-from vpd_ray.engine.console import append_event, say
+from vpd_ray.engine.console import append_event, say, started
 from vpd_ray.engine.evaluation import evaluate_task
 from vpd_ray.engine.optim import deepspeed_config, lr_factor, param_groups
 from vpd_ray.engine.step import Stepper, float_outputs
@@ -85,6 +85,8 @@ class Trainer:
         self.cfg, self.extra = cfg, loop_config
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        if self.rank == 0:
+            started(loop_config)  # placed and running: setup (weights, DeepSpeed) may take minutes still
         self.device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
         self.run_dir = local_run_dir(cfg)
         # From the real world size, so a restart on another worker count keeps the batch policy.

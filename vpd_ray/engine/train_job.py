@@ -135,7 +135,7 @@ def fit(cfg: DictConfig, deferred: list | None = None, callbacks: Sequence[Any] 
         f.write(to_yaml(cfg))
     extra = {}
     start = time.perf_counter()
-    with run_console.Console(run_dir) as console:
+    with run_console.Console(run_dir, waiting=lambda: waiting_line(cfg)) as console:
         extra[run_console.KEY] = console.handle
         every = [*callbacks, run_console.fault_lines(console.handle, cfg.run.max_failures)]
         try:
@@ -164,6 +164,24 @@ def fit(cfg: DictConfig, deferred: list | None = None, callbacks: Sequence[Any] 
             package = export_checkpoint(directory, os.path.join(run_dir, "package"))
     print(summary(result, cfg, time.perf_counter() - start, package), flush=True)
     return result
+
+
+def waiting_line(cfg: DictConfig) -> str:
+    """What a worker group that has not started waits for: the workers and resources it asks for and
+    what the cluster has free (said by the console: Ray Train waits without limit for them to fit)."""
+    import ray
+
+    from vpd_ray.config import worker_range
+
+    low, high = worker_range(cfg)
+    need = dict(cfg.scaling.resources_per_worker) or {"CPU": 1, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
+    free, total = ray.available_resources(), ray.cluster_resources()
+    count = f"{low}" if low == high else f"at least {low} (up to {high})"
+    each = ", ".join(f"{name} {amount:g}" for name, amount in need.items())
+    have = ", ".join(f"{name} {free.get(name, 0):g} of {total.get(name, 0):g}" for name in need)
+    return (f"waiting for the worker group: {count} workers of {each} each (scaling.num_workers, "
+            f"scaling.resources_per_worker); the cluster has {have} free. Ray Train starts it once they fit "
+            "(a node joins, another job ends); `ray status` shows the demand")
 
 
 def summary(result: Any, cfg: DictConfig, seconds: float, package: str | None) -> str:
