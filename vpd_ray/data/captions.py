@@ -39,21 +39,21 @@ from typing import Any, TextIO
 from vpd_ray.data.decode import check_fields, decode_sample, wanted_extensions
 from vpd_ray.data.tario import (
     MANIFEST_SUFFIX,
-    _read_json,
     expand_urls,
     is_local,
     local_path,
     open_url,
+    read_json,
     read_manifest,
     split_name,
 )
 from vpd_ray.data.writer import (
     IN_PROGRESS,
     ConversionError,
-    _add_member,
-    _manifest,
-    _record,
-    _write_json,
+    add_member,
+    manifest_of,
+    shard_record,
+    write_json_atomic,
 )
 from vpd_ray.errors import DataError, first_line
 
@@ -145,7 +145,7 @@ def caption_shard(src: str, dst: str, captioner: Captioner, batch_size: int = 16
                     if sample is not None:
                         out[CAPTION_EXT] = next(captions).encode("utf-8")
                     for ext in sorted(out):  # the writers' member order
-                        _add_member(tar, f"{key}.{ext}", out[ext])
+                        add_member(tar, f"{key}.{ext}", out[ext])
                 batch.clear()
 
             for key, fields in iter_raw_samples(src):
@@ -165,7 +165,7 @@ def caption_shard(src: str, dst: str, captioner: Captioner, batch_size: int = 16
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return {**_record(dst, count, []), "uncaptioned": uncaptioned}
+    return {**shard_record(dst, count, []), "uncaptioned": uncaptioned}
 
 
 def shard_keys(url: str) -> list[str]:
@@ -240,10 +240,10 @@ def plan_captions(shards: str, out: str, info: dict[str, Any]) -> CaptionPlan:
             if keys != shard_keys(job.src):
                 raise ConversionError(f"{job.dst} does not hold the samples of {job.src} in order: it was written "
                                       "from other shards; delete it or use another --out folder")
-            earlier = _read_json(os.path.join(out, job.prefix + MANIFEST_SUFFIX)) or {}
+            earlier = read_json(os.path.join(out, job.prefix + MANIFEST_SUFFIX)) or {}
             listed = earlier.get("captions", {}).get("uncaptioned", [])
             name = os.path.basename(job.dst)
-            done[job.dst] = {**_record(job.dst, len(keys), []),
+            done[job.dst] = {**shard_record(job.dst, len(keys), []),
                              "uncaptioned": [u for u in listed if u.get("shard") == name]}
     return CaptionPlan(out, jobs, done, sources, info)
 
@@ -259,9 +259,9 @@ def write_manifests(plan: CaptionPlan, records: dict[str, dict[str, Any]], failu
         uncaptioned = [u for r in have for u in r.get("uncaptioned", [])]
         info = {**dataset, "captions": {**plan.info, "field": CAPTION_EXT, "num_uncaptioned": len(uncaptioned),
                                         "uncaptioned": uncaptioned}}
-        manifest = _manifest([{k: r[k] for k in ("name", "count", "bytes", "sha256", "missing")} for r in have],
+        manifest = manifest_of([{k: r[k] for k in ("name", "count", "bytes", "sha256", "missing")} for r in have],
                              prefix, info, {}, reason)
-        _write_json(os.path.join(plan.out, prefix + MANIFEST_SUFFIX), manifest)
+        write_json_atomic(os.path.join(plan.out, prefix + MANIFEST_SUFFIX), manifest)
 
 
 def caption_shards(shards: str, out: str, captioner: Captioner, batch_size: int = 16,

@@ -131,10 +131,10 @@ def manifest_url(url: str) -> str:
 
 def read_manifest(url: str) -> dict | None:
     """The manifest a shard was written with, or None."""
-    return _read_json(manifest_url(url))
+    return read_json(manifest_url(url))
 
 
-def _read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
     try:
         with open_url(path) as f:
             return json.load(f)
@@ -144,7 +144,7 @@ def _read_json(path: str) -> dict | None:
 
 def _manifests(urls: list[str]) -> dict[str, dict | None]:
     """The manifest of each shard group in ``urls``, read once per group, by manifest URL."""
-    return {path: _read_json(path) for path in dict.fromkeys(map(manifest_url, urls))}
+    return {path: read_json(path) for path in dict.fromkeys(map(manifest_url, urls))}
 
 
 def _incomplete(manifests: dict[str, dict | None]) -> str | None:

@@ -139,7 +139,7 @@ def plan_shards(items: list[SourceItem], max_count: int, max_bytes: int) -> list
     return shards
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(data), 0o444, 0  # mtime 0: byte-identical re-runs
     tar.addfile(info, io.BytesIO(data))
@@ -165,13 +165,13 @@ def write_shard(path: str, items: list[SourceItem]) -> dict[str, Any]:
                 missing.append({"key": item.key, "source": item.source, "reason": str(err)})
                 continue
             for ext in sorted(fields):
-                _add_member(tar, f"{item.key}.{ext}", fields[ext])
+                add_member(tar, f"{item.key}.{ext}", fields[ext])
             count += 1
     os.replace(tmp, path)
-    return _record(path, count, missing)
+    return shard_record(path, count, missing)
 
 
-def _record(path: str, count: int, missing: list[dict]) -> dict[str, Any]:
+def shard_record(path: str, count: int, missing: list[dict]) -> dict[str, Any]:
     return {"name": os.path.basename(path), "count": count, "bytes": os.path.getsize(path),
             "sha256": _sha256(path), "missing": missing}
 
@@ -189,7 +189,7 @@ def existing_shard_record(path: str, items: list[SourceItem]) -> dict[str, Any]:
                               "output folder or use the same options")
     missing = [{"key": k, "source": it.source, "reason": _absence_reason(it, path)}
                for k, it in planned.items() if k not in present]
-    return _record(path, len(keys), missing)
+    return shard_record(path, len(keys), missing)
 
 
 def _absence_reason(item: SourceItem, path: str) -> str:
@@ -231,7 +231,7 @@ def write_shards(items: list[SourceItem], out_dir: str, prefix: str, *, max_coun
             todo.append((path, group))
     options = dict(max_count=max_count, max_bytes=max_bytes)
     manifest_file = manifest_path(out_dir, prefix)
-    _write_json(manifest_file, _manifest(list(records.values()), prefix, info, options, failure=IN_PROGRESS))
+    write_json_atomic(manifest_file, manifest_of(list(records.values()), prefix, info, options, failure=IN_PROGRESS))
     done = sum(len(group) for path, group in zip(paths, plan) if path in records)
     with progress(len(items), prefix, unit="sample", initial=done) as bar:
         for path, record in _run_jobs(todo, workers):
@@ -239,8 +239,8 @@ def write_shards(items: list[SourceItem], out_dir: str, prefix: str, *, max_coun
             bar.update(record["count"] + len(record["missing"]))
     ordered = [records[p] for p in paths]
     failure = _limit_failure(ordered, len(items), max_missing)
-    manifest = _manifest(ordered, prefix, info, options, failure)
-    _write_json(manifest_file, manifest)
+    manifest = manifest_of(ordered, prefix, info, options, failure)
+    write_json_atomic(manifest_file, manifest)
     if failure:
         raise ConversionError(f"{failure}; they are listed in {manifest_file}")
     return manifest
@@ -283,7 +283,7 @@ def _remove_stale_temps(out_dir: str, prefix: str) -> None:
             os.remove(os.path.join(out_dir, name))
 
 
-def _manifest(records: list[dict], prefix: str, info: dict | None, options: dict,
+def manifest_of(records: list[dict], prefix: str, info: dict | None, options: dict,
               failure: str | None) -> dict[str, Any]:
     """The manifest of ``records``; with a ``failure``, marked incomplete for that reason."""
     missing = [m for r in records for m in r["missing"]]
@@ -294,7 +294,7 @@ def _manifest(records: list[dict], prefix: str, info: dict | None, options: dict
             "shards": shards, "missing": missing}
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json_atomic(path: str, obj: Any) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=False)
