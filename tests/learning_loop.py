@@ -58,9 +58,11 @@ def train(model, steps: int, lr: float, batch_size: int = 4, unet_lr_mult: float
     from vpd_ray.engine.optim import param_groups
     from vpd_ray.engine.step import Stepper, TorchEngine
 
+    # One loader process per task: decode and augmentation on the other core, beside the training
+    # thread. One slot either way (num_workers 0 or 1), so the same samples and draws as in-process.
     iters = {
         name: iter(build_stream(sample_urls(name, "train"), task.train_transform, train=True, batch_size=batch_size,
-                                seed=seed, fields=task.fields, num_workers=0, shuffle_buffer=64))
+                                seed=seed, fields=task.fields, num_workers=1, shuffle_buffer=64))
         for name, task in model.tasks.items()
     }  # fmt: skip
     optimizer = torch.optim.AdamW(param_groups(model.named_parameters(), lr, 0.01, unet_lr_mult))

@@ -97,3 +97,26 @@ def test_missing_keys_and_wrong_files_are_errors(tmp_path, source, tiny_backbone
     torch.save({"state_dict": {}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="expected a dict with a 'model' entry"):
         load_vpd_depth_checkpoint(str(tmp_path / "other.pth"), target)
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_marked_complete(tmp_path):
+    """A checkpoint every rank persisted (marked ``complete``) but Ray Train never registered, because
+    the node went before its controller collected the reports, is the restart's; an unmarked one
+    (a rank's part may be missing) never is."""
+    import json
+
+    import pyarrow.fs
+
+    from vpd_ray.engine import checkpoint as ckpt
+    from vpd_ray.engine.loop import _newest_complete
+
+    for step, complete in ((40, True), (80, True), (120, False)):
+        folder = tmp_path / f"checkpoint_{step:08d}"
+        folder.mkdir()
+        (folder / ckpt.META).write_text(json.dumps({"step": step}))
+        if complete:
+            (folder / ckpt.COMPLETE).write_text("")
+    fs = pyarrow.fs.LocalFileSystem()
+    assert _newest_complete(fs, str(tmp_path), after=40) == str(tmp_path / "checkpoint_00000080")
+    assert _newest_complete(fs, str(tmp_path), after=80) is None  # 120 is not complete
+    assert _newest_complete(fs, str(tmp_path / "nothing-yet"), after=-1) is None

@@ -125,7 +125,17 @@ def test_good_values_load_and_a_wrong_type_is_refused():
 
 # --- the product's trainer, in this process ------------------------------------------------------
 class _Context:
-    """Ray Train's context for one worker."""
+    """Ray Train's context for one worker; its storage is the local folder ``experiment``."""
+
+    def __init__(self, experiment: str):
+        self.experiment = experiment
+
+    def get_storage(self):
+        import types
+
+        import pyarrow.fs
+
+        return types.SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), experiment_fs_path=self.experiment)
 
     def get_world_rank(self) -> int:
         return 0
@@ -185,7 +195,8 @@ def world(process_group, tmp_path_factory):
             shutil.copytree(checkpoint.path, root / name / checkpoint_dir_name)
 
         found = ray.train.Checkpoint.from_directory(resume) if resume else None
-        with mock.patch.object(ray.train, "get_context", _Context), mock.patch.object(ray.train, "report", report), \
+        with mock.patch.object(ray.train, "get_context", lambda: _Context(str(root / name))), \
+                mock.patch.object(ray.train, "report", report), \
                 mock.patch.object(ray.train, "get_checkpoint", lambda: found), \
                 mock.patch.object(loop.Trainer, "_worker_nodes", lambda self: ["this node"]):
             made = loop.Trainer(cfg, {})

@@ -104,11 +104,11 @@ def test_sample_sweep_config_loads():
     assert set(space.build_param_space(sweep.search_space)) == {"train.lr", "tasks.depth.crop_size"}
 
 
-# Learning rates in grid order: the first trial (1e-3) sets the bar at the one rung (2 of 4 reports);
+# Learning rates in grid order: the first trial (1e-3) sets the bar at the one rung (2 of 3 reports);
 # the 1e-8 trial learns nothing and falls below it: deterministic, unlike a random draw of close values.
 SWEEP_UNDER_TEST = """
 train_config: {config}
-overrides: [scaling.num_workers=1, train.global_batch_size=null, train.max_steps=8, train.val_every=2,
+overrides: [scaling.num_workers=1, train.global_batch_size=null, train.max_steps=6, train.val_every=2,
             train.log_every=2, train.max_val_batches=1, train.checkpoint.keep=1, data.num_workers=0,
             train.schedule.kind=constant, run.max_failures=0]
 search_space:
@@ -122,7 +122,7 @@ name: sweep-test
 
 @pytest.mark.slow
 def test_sample_sweep_stops_trials_early_picks_the_best_and_resumes(ray_head, tmp_path, monkeypatch):
-    """3 trials, one CPU worker each, one at a time on 2 cores; ASHA's one rung at 2 of 4 reports."""
+    """3 trials, one CPU worker each, one at a time on 2 cores; ASHA's one rung at 2 of 3 reports."""
     from vpd_ray import tune as tune_cli
     from vpd_ray.config import load
     from vpd_ray.package import load_package

@@ -8,6 +8,8 @@ Layout of one checkpoint (every rank writes its own DeepSpeed files, rank 0 the 
     frozen.safetensors     fp32 weights of modules that never train (VAE, class embeddings)
     architecture.json      diffusers configs of the UNet and VAE (vpd_ray.package.architecture)
     ema.safetensors        fp32 EMA of the trainable weights, only with train.ema_decay > 0 (vpd_ray.engine.ema)
+    complete               empty; written in storage once every rank's part is persisted (the resume
+                           fallback of vpd_ray.engine.loop trusts only checkpoints that have it)
 
 The frozen modules are outside the DeepSpeed engine (the VAE: not partitioned, not optimised) or
 cast to bf16 by it (class-embedding buffers), so the checkpoint keeps their exact fp32 values
@@ -31,6 +33,7 @@ META = "meta.json"
 CONFIG = "config.yaml"
 FROZEN = "frozen.safetensors"
 EMA = "ema.safetensors"
+COMPLETE = "complete"
 # The only non-tensor classes DeepSpeed pickles into its checkpoints (checked on 0.19).
 _DEEPSPEED_GLOBALS = {
     "deepspeed.utils.tensor_fragment.fragment_address",

@@ -222,7 +222,11 @@ class Trainer:
         ray.train.report({**metrics, "step": self.state.step},
                          checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name)
         shutil.rmtree(local, ignore_errors=True)
+        dist.barrier()  # every rank's part is in storage
         if self.rank == 0:
+            storage = ray.train.get_context().get_storage()
+            with storage.storage_filesystem.open_output_stream(f"{storage.experiment_fs_path}/{name}/{ckpt.COMPLETE}"):
+                pass
             self._event(f"{name}: {human_bytes(total)} over {self.world} ranks (rank 0 {human_bytes(own)}), "
                         f"written in {written:.1f} s, persisted in {time.perf_counter() - start:.1f} s")
 
@@ -264,6 +268,8 @@ class Trainer:
             how = "" if same else (f" on {self.world} workers (saved by {self.resume.world_size}): consolidated "
                                    "weights, fresh optimizer state (AdamW moments reset)")
             how += "; the checkpoint has no EMA: it starts at the resumed weights" if fresh_ema else ""
+            how += "" if self.resume.registered else (" (complete in storage; Ray Train had not registered it "
+                                                      "when the group was lost)")
             self._event(f"resuming from checkpoint {self.resume.path} at step {self.state.step}{how}", console=True)
             for name, state in self.state.data.items():
                 self._event(f"{name} data: {_position_line(state)}")
@@ -391,11 +397,12 @@ def _position_line(state: dict[str, Any]) -> str:
 
 @dataclasses.dataclass
 class ResumePoint:
-    """The latest checkpoint Ray Train hands a (re)started worker group, and how it was saved."""
+    """The checkpoint a (re)started worker group resumes from, and how it was saved."""
 
     path: str
     checkpoint: Any  # ray.train.Checkpoint
     meta: dict[str, Any]
+    registered: bool = True  # False: found complete in storage, newer than what Ray Train had registered
 
     @property
     def world_size(self) -> int:
@@ -427,17 +434,49 @@ class ResumePoint:
 
 
 def _latest_checkpoint() -> ResumePoint | None:
+    """Ray Train's latest checkpoint, or a newer one complete in the run's storage.
+
+    Ray Train registers a checkpoint when its controller collects every worker's report. A node lost
+    after all ranks persisted their parts (and rank 0 marked it ``complete``) but before that
+    collection leaves the checkpoint whole on storage and unknown to Ray Train, which would hand the
+    restart the one before: up to ``train.val_every`` steps redone, or the run started over."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
+    registered = ray.train.get_checkpoint()
+    point = _resume_point(registered) if registered is not None else None
+    storage = ray.train.get_context().get_storage()
+    newer = _newest_complete(storage.storage_filesystem, storage.experiment_fs_path,
+                             after=point.meta["step"] if point else -1)
+    if newer is not None:
+        point = _resume_point(ray.train.Checkpoint(newer, filesystem=storage.storage_filesystem), registered=False)
+    return point
+
+
+def _resume_point(checkpoint: Any, registered: bool = True) -> ResumePoint:
+    import ray.train
+
     # meta.json alone, through the checkpoint's filesystem: as_directory would download the whole
     # checkpoint (GiBs on cloud storage) before the weights or DeepSpeed's state are even read.
     with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{ckpt.META}") as f:
         meta = json.loads(f.read())
     meta.setdefault("world_size", ray.train.get_context().get_world_size())  # written before it was recorded
-    return ResumePoint(checkpoint.path, checkpoint, meta)
+    return ResumePoint(checkpoint.path, checkpoint, meta, registered)
+
+
+def _newest_complete(fs: Any, run: str, after: int) -> str | None:
+    """The path of the run's newest checkpoint marked complete with a step past ``after``, or None."""
+    import pyarrow.fs
+
+    best = None
+    for entry in fs.get_file_info(pyarrow.fs.FileSelector(run, allow_not_found=True)):
+        if not entry.base_name.startswith("checkpoint_") or \
+                fs.get_file_info(f"{entry.path}/{ckpt.COMPLETE}").type != pyarrow.fs.FileType.File:
+            continue
+        with fs.open_input_stream(f"{entry.path}/{ckpt.META}") as f:
+            step = json.loads(f.read())["step"]
+        if step > after and (best is None or step > best[0]):
+            best = (step, entry.path)
+    return best[1] if best else None
 
 
 def _minutes(seconds: float) -> str:
