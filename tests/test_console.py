@@ -3,9 +3,13 @@ not fit, and its own lines about it stay in the worker-side logs, so the console
 
 import time
 
+import pytest
+
 from vpd_ray.config import load
 from vpd_ray.engine import console
 from vpd_ray.engine.train_job import waiting_line
+
+pytestmark = pytest.mark.slow  # the session's Ray cluster
 
 
 def test_the_console_says_what_a_worker_group_waits_for_until_it_runs(ray_cluster, tmp_path, monkeypatch, capsys):

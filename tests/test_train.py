@@ -2,8 +2,7 @@
 counts, export, ZeRO stages.
 
 One module-scoped run of ``configs/sample.yaml`` feeds several tests, so DeepSpeed's op build and Ray's
-start are paid once. It is a job submitted with ``ray job submit`` to the session's cluster, as a user
-would, and elastic over its two 1-CPU nodes (``scaling.num_workers=[1, 2]``),
+start are paid once. It is elastic over the session's two 1-CPU nodes (``scaling.num_workers=[1, 2]``),
 and the worker node is killed after the first checkpoint: the run resumes on the head alone (1 worker,
 accumulation 2: the global batch stays 8), grows back to 2 workers when a replacement node joins, and
 ends at its steps with a package.
@@ -15,13 +14,14 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import wait_for_cpus, wait_for_idle_cluster
+from conftest import connect, wait_for_cpus, wait_for_idle_cluster
 from vpd_ray.config import load
 from vpd_ray.engine.console import ERRORS, EVENTS
 from vpd_ray.engine.evaluation import evaluate_task
@@ -48,43 +48,25 @@ def _wait_for(run_dir: str, pattern: str, timeout_s: float = 300, after: int = 0
     raise AssertionError(f"no {pattern!r} in events.log after {timeout_s} s:\n{_events(run_dir)}")
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RAY_CLI = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def _ray_job(ray_nodes, *args: str) -> subprocess.CompletedProcess:
-    """``ray job ARGS --address <the session cluster's job API>``, as a user's shell runs it."""
-    return subprocess.run([RAY_CLI, "job", args[0], "--address", ray_nodes.jobs_address, *args[1:]],
-                          capture_output=True, text=True, timeout=300)
-
-
-def _job_status(ray_nodes, job_id: str) -> str:
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(ray_nodes.jobs_address).get_job_status(job_id).value
-
-
 @pytest.fixture(scope="module")
 def sample_run(ray_nodes, ray_cluster, tmp_path_factory):
-    """The sample training submitted with `ray job submit` to the two-node cluster, elastic over both
-    nodes, the worker node lost after the first checkpoint and a replacement joining once the run has
-    shrunk; returns (cfg, the job's logs, run dir, what happened when)."""
+    """The sample training, elastic over two nodes, the worker node lost after the first checkpoint and
+    a replacement joining once the run has shrunk; returns (cfg, result, run dir, what happened when)."""
+    from vpd_ray.engine.train_job import fit
+
     storage = tmp_path_factory.mktemp("runs")
-    overrides = [f"run.storage_path={storage}", "run.name=sample", f"train.max_steps={MAX_STEPS}",
-                 f"train.val_every={VAL_EVERY}", "scaling.num_workers=[1,2]",
-                 "scaling.elastic_resize_monitor_interval_s=2", "run.max_failures=4"]
-    cfg = load("configs/sample.yaml", overrides)
+    cfg = load("configs/sample.yaml", [
+        f"run.storage_path={storage}", "run.name=sample", f"train.max_steps={MAX_STEPS}",
+        f"train.val_every={VAL_EVERY}", "scaling.num_workers=[1,2]", "scaling.elastic_resize_monitor_interval_s=2",
+        "run.max_failures=4"])
     run_dir = os.path.join(str(storage), "sample")
     # Ray Train's first restart asks for the old size while the lost node's CPU still counts; it tries
-    # fewer after this timeout (default 60 s; the job's environment reaches its controller).
-    runtime_env = {"excludes": [".venv", ".git", "**/__pycache__", "runs", "*.egg-info"],
-                   "env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}}
-    job_id = f"sample-{os.getpid()}"
-    submitted = _ray_job(ray_nodes, "submit", "--submission-id", job_id, "--working-dir", REPO,
-                         "--runtime-env-json", json.dumps(runtime_env), "--no-wait", "--",
-                         sys.executable, "-m", "vpd_ray.train", "configs/sample.yaml", *overrides)
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    # fewer after this timeout (default 60 s; the driver's RAY_TRAIN_* variables reach the controller).
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=fit(cfg)), daemon=True)
     try:
+        runner.start()
         _wait_for(run_dir, r"worker group: 2 workers on 2 nodes")
         _wait_for(run_dir, rf"checkpoint_{VAL_EVERY:08d}: ")
         killed_at = time.time()
@@ -97,16 +79,15 @@ def sample_run(ray_nodes, ray_cluster, tmp_path_factory):
         after = _events(run_dir).index(shrunk.group(0))
         _wait_for(run_dir, r"worker group: 2 workers on 2 nodes", after=after)
         grown = _wait_for(run_dir, r"resuming from checkpoint \S+ at step (\d+)\b(?! on 1 workers)", after=after + 1)
-        deadline = time.monotonic() + 600
-        while (status := _job_status(ray_nodes, job_id)) in ("PENDING", "RUNNING") and time.monotonic() < deadline:
-            time.sleep(1)
+        runner.join(timeout=600)
     except BaseException:
-        _ray_job(ray_nodes, "stop", job_id)
         _abandon(ray_nodes)
         raise
-    logs = _ray_job(ray_nodes, "logs", job_id).stdout
-    assert status == "SUCCEEDED", logs[-3000:]
-    return cfg, logs, run_dir, {"killed_at": killed_at, "shrunk": int(shrunk.group(1)), "grown": int(grown.group(1))}
+    finally:
+        os.environ.pop("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
+    assert not runner.is_alive() and "result" in outcome
+    return cfg, outcome["result"], run_dir, {"killed_at": killed_at, "shrunk": int(shrunk.group(1)),
+                                             "grown": int(grown.group(1))}
 
 
 def _checkpoint_metas(run_dir: str) -> dict[int, dict]:
@@ -121,11 +102,15 @@ def _checkpoint_metas(run_dir: str) -> dict[int, dict]:
 
 
 def _abandon(ray_nodes) -> None:
-    """After a failed wait (the job stopped): give the cluster back its two nodes, so that the module's
+    """After a failed wait: stop the run and give the cluster back its two nodes, so that the module's
     other tests start on an idle cluster instead of queueing behind a run that goes on (Ray Train retries
     a worker group that cannot be placed without limit)."""
+    import ray
+
+    ray.shutdown()  # the run's controller is an actor of this driver: it ends with the connection
     if not ray_nodes.workers:
         ray_nodes.add_node()
+    connect(ray_nodes.address)
     wait_for_cpus(2)
     wait_for_idle_cluster()
 
@@ -170,11 +155,8 @@ def test_learns_below_mean_baseline(sample_run):
 
 
 def test_a_lost_node_shrinks_the_elastic_run_and_a_new_node_grows_it(sample_run):
-    _, logs, run_dir, when = sample_run
-    metas = _checkpoint_metas(run_dir)
-    assert max(metas) == MAX_STEPS
-    # The client's view: `ray job logs` shows the fault, the resumes and the summary.
-    assert "fault on worker rank" in logs and "resuming from checkpoint" in logs and f"[vpd] done: step {MAX_STEPS}/{MAX_STEPS}" in logs
+    _, result, run_dir, when = sample_run
+    assert result.metrics["step"] == MAX_STEPS and max(_checkpoint_metas(run_dir)) == MAX_STEPS
     events = _events(run_dir)
     assert "fault on worker rank" in events and "worker group: 1 workers on 1 nodes" in events  # on record
     assert when["shrunk"] == VAL_EVERY and when["grown"] >= when["shrunk"]  # at most val_every steps lost
