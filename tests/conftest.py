@@ -184,6 +184,26 @@ def wait_for_idle_cluster(timeout_s: float = 120) -> None:
         time.sleep(0.5)
 
 
+@pytest.fixture(scope="module")
+def process_group():
+    """torch.distributed of world size 1 over gloo on 127.0.0.1, as DeepSpeed's engine needs one for an
+    in-process engine; DeepSpeed's cached clone of the world group is dropped before and after (another
+    module's group may be gone)."""
+    import deepspeed
+    import deepspeed.utils.groups
+    import torch.distributed as dist
+
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        deepspeed.utils.groups._WORLD_GROUP = None
+        deepspeed.init_distributed(dist_backend="gloo")
+        yield
+        dist.destroy_process_group()
+        deepspeed.utils.groups._WORLD_GROUP = None
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone_config():
     from vpd_ray.model.backbone import BackboneConfig

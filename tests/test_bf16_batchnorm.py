@@ -6,7 +6,6 @@ Engines run in this process, world size 1 over gloo, with ``vpd_ray.engine.optim
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
@@ -21,24 +20,6 @@ from vpd_ray.modeling import architecture, build_model
 from vpd_ray.package import export_package, load_package
 
 STEPS, CHANNELS, BATCH = 150, 8, 4
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """torch.distributed of world size 1 over gloo on 127.0.0.1, as DeepSpeed's engine needs one."""
-    import deepspeed
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        deepspeed.init_distributed(dist_backend="gloo")
-        yield
-        dist.destroy_process_group()
 
 
 def _engine(model: nn.Module, config: str, bf16: bool):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from unittest import mock
 
 import numpy as np
@@ -145,28 +144,6 @@ class _Context:
 
     def get_local_rank(self) -> int:
         return 0
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """torch.distributed of world size 1 over gloo on 127.0.0.1, as DeepSpeed's engine needs one; DeepSpeed's
-    cached clone of the world group is dropped before and after (another module's group may be gone)."""
-    import deepspeed
-    import deepspeed.utils.groups
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        deepspeed.utils.groups._WORLD_GROUP = None
-        deepspeed.init_distributed(dist_backend="gloo")
-        yield
-        dist.destroy_process_group()
-        deepspeed.utils.groups._WORLD_GROUP = None
 
 
 @pytest.fixture(scope="module")
