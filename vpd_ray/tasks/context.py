@@ -139,3 +139,14 @@ class TaskContext:
             raise ValueError(f"tasks.{self.owner}.context: caption needs a caption per image: give --input a JSONL "
                              "of (image, sentence) lines with each image's caption as its sentence")
         return {"input_ids": self.text.tokenize(captions).to(device)}
+
+
+def attach_context(task: Any, cfg: ContextOptions) -> TaskContext | None:
+    """The learned / caption context of ``task`` (None under ``class``: the task's own, VPD's path), with
+    the shard field and the inference input it adds set on the task."""
+    if cfg.context == CLASS:
+        return None
+    context = TaskContext(task.name, cfg)
+    task.fields = context.fields(type(task).fields)
+    task.inference_inputs = ("sentence",) if cfg.context == CAPTION else ()  # the caption
+    return context

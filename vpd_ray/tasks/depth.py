@@ -16,7 +16,7 @@ from vpd_ray.contracts import Batch, Sample
 from vpd_ray.metrics.depth import DepthMetric
 from vpd_ray.tasks import register_task
 from vpd_ray.tasks.base import Task, TaskConfig, check_hw, image_of
-from vpd_ray.tasks.context import CAPTION, CLASS, ContextOptions, TaskContext
+from vpd_ray.tasks.context import ContextOptions, attach_context
 
 
 @dataclasses.dataclass
@@ -121,11 +121,7 @@ class DepthTask(Task):
 
     def __init__(self, cfg: DepthConfig):
         super().__init__(cfg)
-        # learned / caption context (None: the class token, VPD's path below)
-        self.text_context = TaskContext(self.name, cfg) if cfg.context != CLASS else None
-        if self.text_context is not None:
-            self.fields = self.text_context.fields(type(self).fields)
-            self.inference_inputs = ("sentence",) if cfg.context == CAPTION else ()  # the caption
+        self.text_context = attach_context(self, cfg)  # None: the class token, VPD's path below
 
     # --- model side -------------------------------------------------------------------------
     def context_tokens(self) -> int:

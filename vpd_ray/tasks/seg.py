@@ -19,7 +19,7 @@ from vpd_ray.contracts import Batch, Sample
 from vpd_ray.metrics.seg import SegMetric
 from vpd_ray.tasks import register_task
 from vpd_ray.tasks.base import Task, TaskConfig, check_hw, image_of
-from vpd_ray.tasks.context import CAPTION, CLASS, ContextOptions, TaskContext
+from vpd_ray.tasks.context import ContextOptions, attach_context
 
 TEST_MODES = ("whole", "slide")
 
@@ -134,11 +134,7 @@ class SegTask(Task):
 
     def __init__(self, cfg: SegConfig):
         super().__init__(cfg)
-        # learned / caption context (None: every class embedding, VPD's path below)
-        self.text_context = TaskContext(self.name, cfg) if cfg.context != CLASS else None
-        if self.text_context is not None:
-            self.fields = self.text_context.fields(type(self).fields)
-            self.inference_inputs = ("sentence",) if cfg.context == CAPTION else ()  # the caption
+        self.text_context = attach_context(self, cfg)  # None: every class embedding, VPD's path below
 
     # --- model side -------------------------------------------------------------------------
     @property
