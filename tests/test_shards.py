@@ -15,10 +15,22 @@ import pytest
 
 from vpd_ray import shards as cli
 from vpd_ray.data import writer
-from vpd_ray.data.decode import decode_depth
+from vpd_ray.data.decode import (
+    decode_depth,
+    decode_depth_zmap,
+    decode_index_png,
+    decode_index_zmap,
+)
 from vpd_ray.data.refcoco import load_refs, rasterise
 from vpd_ray.data.tario import expand_urls, iter_raw_samples, shard_counts
-from vpd_ray.data.writer import ConversionError, SourceItem, encode_jpeg, encode_png, write_shards
+from vpd_ray.data.writer import (
+    ConversionError,
+    SourceItem,
+    encode_jpeg,
+    encode_png,
+    write_shards,
+)
+from vpd_ray.data.zmap import decode_zmap
 from vpd_ray.errors import DataError
 
 
@@ -86,8 +98,9 @@ def test_nyu_train_and_test_read_back_bit_identical(nyu_tree, tmp_path):
                              "sync__office_kitchen_0003__rgb_00045", "sync__office_kitchen_0003__rgb_00046"]
     sample = train["sync__office_kitchen_0003__rgb_00046"]
     rgb, depth_png, depth = files[("office_kitchen_0003", 46)]
-    assert sample["jpg"] == rgb and sample["depth.png"] == depth_png
-    assert np.array_equal(decode_depth(sample["depth.png"]), depth.astype(np.float32) / 1000)
+    assert sample["jpg"] == rgb and "depth.png" not in sample  # the image as stored, the depth as a zmap
+    assert np.array_equal(decode_zmap(sample["depth.zmap"]), depth)  # the PNG's millimetres, exactly
+    assert np.array_equal(decode_depth_zmap(sample["depth.zmap"]), decode_depth(depth_png))
     meta = json.loads(sample["json"])
     # the reference's first-substring rule: office_kitchen -> "kitchen" (15)
     assert meta == {"source": "sync/office_kitchen_0003/rgb_00046.jpg", "class_id": 15, "scene": "office_kitchen",
@@ -153,7 +166,8 @@ def test_ade20k_reads_back_and_lists_missing_annotations(tmp_path):
     samples = _read_all(out, "ade20k-val")
     assert sorted(samples) == ["ADE_val_00000001", "ADE_val_00000003"]
     for stem, sample in samples.items():
-        assert (sample["jpg"], sample["label.png"]) == files[stem]
+        assert sample["jpg"] == files[stem][0]
+        assert np.array_equal(decode_zmap(sample["label.zmap"]), decode_index_png(files[stem][1]))
     manifest = _manifest(out, "ade20k-val")
     assert manifest["num_missing"] == 1 and manifest["missing"][0]["key"] == "ADE_val_00000002"
     assert "ADE_val_00000002.png" in manifest["missing"][0]["reason"]
@@ -188,14 +202,12 @@ def test_refcoco_one_sample_per_ref_with_rasterised_mask(refcoco_tree, tmp_path)
     assert cli.main(args) == 0
     samples = _read_all(out, "refcoco-unc-val")
     assert sorted(samples) == ["refcoco_unc_ref5", "refcoco_unc_ref6"]
-    from vpd_ray.data.decode import decode_index_png
-
     for key, ann in (("refcoco_unc_ref5", anns[0]), ("refcoco_unc_ref6", anns[1])):
         sample = samples[key]
         assert sample["jpg"] == image
-        mask = decode_index_png(sample["mask.png"])
+        mask = decode_index_zmap(sample["mask.zmap"])
         assert np.array_equal(mask, rasterise(ann["segmentation"], 12, 16)) and set(np.unique(mask)) == {0, 1}
-    assert decode_index_png(samples["refcoco_unc_ref6"]["mask.png"]).sum() == 9
+    assert decode_index_zmap(samples["refcoco_unc_ref6"]["mask.zmap"]).sum() == 9
     meta = json.loads(samples["refcoco_unc_ref5"]["json"])
     assert meta["sentences"] == ["Ref 5 raw"] and (meta["ref_id"], meta["ann_id"], meta["image_id"]) == (5, 100, 9)
 

@@ -3,7 +3,8 @@
     <root>/images/{training,validation}/ADE_*.jpg
     <root>/annotations/{training,validation}/ADE_*.png   (0 = other, 1..150 = classes)
 
-The label PNG is stored as read; every image is paired with the annotation of the same stem.
+The image is stored as read, the label PNG's values as a zmap field (:func:`~vpd_ray.data.writer.read_map`);
+every image is paired with the annotation of the same stem.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import functools
 import json
 import os
 
-from vpd_ray.data.writer import SourceItem, read_source, shuffled
+from vpd_ray.data.writer import SourceItem, read_map, read_source, shuffled
 
 SPLIT_DIRS = {"train": "training", "val": "validation"}
 
 
 def load_pair(image: str, label: str, meta: dict) -> dict[str, bytes]:
-    return {"jpg": read_source(image, verify_image=True), "label.png": read_source(label, verify_image=True),
+    from vpd_ray.data.decode import decode_index_png
+
+    return {"jpg": read_source(image, verify_image=True), "label.zmap": read_map(label, decode_index_png),
             "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
 
 

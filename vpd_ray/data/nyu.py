@@ -16,7 +16,14 @@ import json
 import os
 import re
 
-from vpd_ray.data.writer import ConversionError, SourceItem, key_from_path, read_source, shuffled
+from vpd_ray.data.writer import (
+    ConversionError,
+    SourceItem,
+    key_from_path,
+    read_map,
+    read_source,
+    shuffled,
+)
 
 SPLIT_DIRS = {"train": "sync", "test": os.path.join("official_splits", "test")}
 
@@ -82,8 +89,10 @@ def read_list(path: str) -> list[tuple[str, str]]:
 
 
 def load_pair(rgb: str, depth: str, meta: dict) -> dict[str, bytes]:
-    """The sample's fields: image and depth bytes as stored, metadata as JSON."""
-    return {"jpg": read_source(rgb, verify_image=True), "depth.png": read_source(depth, verify_image=True),
+    """The sample's fields: image bytes as stored, the depth PNG's millimetres as a zmap, metadata as JSON."""
+    from vpd_ray.data.decode import decode_depth_mm
+
+    return {"jpg": read_source(rgb, verify_image=True), "depth.zmap": read_map(depth, decode_depth_mm),
             "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
 
 

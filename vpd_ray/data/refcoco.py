@@ -7,7 +7,7 @@
 ``refs(*).p`` is the one pickle vpd_ray reads, and only from the user's own dataset folder: a
 restricted unpickler accepts builtin containers, strings and numbers and refuses every global, so
 even a tampered file cannot run code. The target mask is rasterised once with pycocotools and
-stored as a 0/1 PNG; like the reference (LAVT's ``REFER.getMask`` then ``annot[m == 1] = 1``),
+stored as a 0/1 zmap field; like the reference (LAVT's ``REFER.getMask`` then ``annot[m == 1] = 1``),
 pixels covered by two polygons of the same object count as background.
 """
 
@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from vpd_ray.data.writer import SourceItem, UnreadableSourceError, encode_png, read_source, shuffled
+from vpd_ray.data.writer import SourceItem, UnreadableSourceError, read_source, shuffled
+from vpd_ray.data.zmap import encode_zmap
 
 
 class _DataOnlyUnpickler(pickle.Unpickler):
@@ -58,7 +59,7 @@ def load_ref(image_path: str, segmentation: Any, height: int, width: int, meta: 
         mask = rasterise(segmentation, height, width)
     except Exception as err:  # pycocotools raises plain Exceptions on malformed segmentations
         raise UnreadableSourceError(f"ann {meta['ann_id']}: bad segmentation ({err})") from None
-    return {"jpg": image, "mask.png": encode_png(mask), "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
+    return {"jpg": image, "mask.zmap": encode_zmap(mask), "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
 
 
 def refcoco_items(root: str, dataset: str, split_by: str, split: str, images: str | None = None,

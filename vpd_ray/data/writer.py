@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from vpd_ray.data.tario import MANIFEST_SUFFIX, iter_raw_samples
+from vpd_ray.data.zmap import encode_zmap
 from vpd_ray.errors import DataError
 
 MANIFEST_FORMAT = "vpd_ray-shards/1"
@@ -83,6 +84,21 @@ def read_source(path: str, verify_image: bool = False) -> bytes:
         except Exception as err:  # PIL raises many types for bad files
             raise UnreadableSourceError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
     return data
+
+
+def read_map(path: str, decode: Callable[[bytes], np.ndarray]) -> bytes:
+    """A source depth / label / mask PNG as a :mod:`~vpd_ray.data.zmap` field of the same values.
+
+    ``decode``: the PNG's decoder to integer values (``decode_depth_mm``, ``decode_index_png``), whose
+    checks of the file's mode apply; a file it refuses is unreadable (the sample is skipped and listed).
+    Stored as zmap because a loader core decodes it about 8x faster than the PNG (docs/benchmarks.md, Data).
+    """
+    data = read_source(path)
+    try:
+        values = decode(data)
+    except Exception as err:  # PIL raises many types for bad files
+        raise UnreadableSourceError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+    return encode_zmap(values)
 
 
 def encode_jpeg(image: np.ndarray) -> bytes:
