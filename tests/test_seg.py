@@ -11,7 +11,9 @@ from vpd_ray.data.augment.seg import (
     photometric_distortion,
     random_crop,
     reduce_zero_label,
+    rescale_and_crop,
     rescale_size,
+    resize_image,
     seg_train_augment,
 )
 from vpd_ray.metrics.seg import SegMetric, intersect_and_union
@@ -118,6 +120,48 @@ def test_random_crop_cat_max_ratio_redraws_single_class_crops():
     # one draw is balanced with p ~ 0.16; with up to 10 redraws it is balanced with p ~ 0.85
     assert _share_balanced(1.0) < 0.3
     assert _share_balanced(0.75) > 0.7
+
+
+def _resize_all_then_crop(image, label, rng, scale, ratio_range, crop_hw):
+    """mmseg's order done plainly: resize the whole image (3 channels) and label with torch, then crop."""
+    import torch.nn.functional as F
+
+    ratio = rng.uniform(*ratio_range)
+    hw = rescale_size(image.shape[:2], (int(scale[0] * ratio), int(scale[1] * ratio)))
+    image = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].contiguous(), size=hw, mode="bilinear",
+                          align_corners=False)[0].permute(1, 2, 0).numpy()
+    label = F.interpolate(torch.from_numpy(label)[None, None], size=hw, mode="nearest")[0, 0].numpy()
+    return random_crop(image, label, rng, crop_hw)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_rescale_and_crop_equals_resizing_everything_then_cropping(seed):
+    """The label resized inside the crop only and the image through the 4-channel kernel: the same draws
+    and the same pixels, exactly, as the plain pipeline (down- and upscaling, crops larger than the image)."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (37 + seed, 53, 3), dtype=np.uint8)
+    label = np.kron(rng.integers(0, 4, (8, 11)), np.ones((6, 6), np.int64))[: image.shape[0], :53].astype(np.uint8)
+    args = ((96, 24), (0.5, 2.0), (32, 32))
+    got = rescale_and_crop(image, label, np.random.default_rng(seed + 100), *args)
+    want = _resize_all_then_crop(image, label, np.random.default_rng(seed + 100), *args)
+    assert got[0].shape == want[0].shape and np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("source", ["array", "decoded jpeg"])
+def test_resize_image_keeps_the_three_channel_kernels_result(source):
+    """Through a padded copy (any array) or the decoder's own 4-byte pixels (a shard's colour JPEG)."""
+    from vpd_ray.data.decode import decode_image
+    from vpd_ray.data.writer import encode_jpeg
+
+    image = np.random.default_rng(0).integers(0, 256, (40, 61, 3), dtype=np.uint8)
+    if source == "decoded jpeg":
+        image = decode_image(encode_jpeg(image), orient=False)
+        assert image.base is not None and image.base.shape == (40, 61, 4)  # the view resize_image uses
+    plain = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+    for hw in ((80, 122), (17, 26), (41, 60)):
+        want = torch.nn.functional.interpolate(plain.contiguous(memory_format=torch.channels_last), size=hw,
+                                               mode="bilinear", align_corners=False)
+        assert np.array_equal(resize_image(image, hw), want[0].permute(1, 2, 0).numpy())
 
 
 def test_photometric_distortion_changes_colours_not_geometry():

@@ -8,7 +8,8 @@ Where each part runs: resize, crop (it looks at the label), flip and the label p
 (:func:`seg_train_augment`, in the loader); the photometric distortion, which touches the image only and
 is most of a sample's CPU time (two HSV round trips), is drawn there (:func:`draw_distortion`, mmseg's
 draws in mmseg's order) and applied on the training device after the copy (:func:`photometric_distortion`
-and :func:`fill_padding`, via ``SegTask.augment_on_device``); image and label cross as uint8. Resizing
+and :func:`fill_padding`, via ``SegTask.augment_on_device``); image and label cross as uint8. The label is
+resized only inside the crops drawn (:func:`rescale_and_crop`), the same pixels as resizing it whole. Resizing
 goes through ``torch.nn.functional.interpolate`` (bilinear without antialiasing for images,
 floor-nearest for labels), which is what OpenCV's ``INTER_LINEAR`` / ``INTER_NEAREST`` compute;
 Pillow's bilinear would low-pass filter on downscaling and shift the statistics.
@@ -16,22 +17,27 @@ Pillow's bilinear would low-pass filter on downscaling and shift the statistics.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vpd_ray.data.augment.color import against, apply_lut, hsv8_to_rgb, identity_lut, per_sample, rgb_to_hsv8
+from vpd_ray.data.augment.color import (
+    against,
+    apply_lut,
+    hsv8_to_rgb,
+    identity_lut,
+    per_sample,
+    rgb_to_hsv8,
+)
 
 IGNORE_INDEX = 255
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-    """ADE20K's shift: 0 ("other") -> 255 (ignored), k -> k - 1 for k in 1..150."""
-    label = label.astype(np.int16) - 1
-    label[label < 0] = IGNORE_INDEX
-    return label.astype(np.uint8)
+    """ADE20K's shift: 0 ("other") -> 255 (ignored), k -> k - 1 for k in 1..150: uint8 arithmetic wraps 0 to 255."""
+    return label.astype(np.uint8, copy=False) - np.uint8(1)
 
 
 def rescale_size(hw: tuple[int, int], scale: Sequence[int]) -> tuple[int, int]:
@@ -44,32 +50,63 @@ def rescale_size(hw: tuple[int, int], scale: Sequence[int]) -> tuple[int, int]:
 def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a uint8 ``HxWx3`` image (OpenCV ``INTER_LINEAR`` semantics, within one level).
 
-    torch's uint8 kernel on the channels-last layout the array already has: no float copy of an image
-    that may be upscaled to 1024x1366, several times faster than resizing in float. Its fixed-point weights
-    round like OpenCV's own: both are within one 8-bit level of the exact float result.
+    torch's uint8 kernel on a channels-last layout: no float copy of an image that may be upscaled to
+    1024x1366, several times faster than resizing in float. Its fixed-point weights round like OpenCV's
+    own: both are within one 8-bit level of the exact float result. The image goes in with a fourth
+    channel (:func:`_four_channels`) because the kernel's 4-channel path is 2x faster than its 3-channel
+    one, which unpacks every pixel; channels do not mix, so the three returned are the 3-channel result
+    exactly.
     """
     if image.shape[:2] == tuple(hw):
         return image
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # [1,3,H,W] over HWC memory
-    x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=hw, mode="bilinear", align_corners=False)
-    return x[0].permute(1, 2, 0).numpy()
+    x = torch.from_numpy(_four_channels(image)).permute(2, 0, 1)[None]  # [1,4,H,W] over HWC memory: channels-last
+    return F.interpolate(x, size=hw, mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()[..., :3]
 
 
-def resize_label(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Nearest resize of an ``HxW`` label map (OpenCV ``INTER_NEAREST`` semantics)."""
-    if label.shape[:2] == tuple(hw):
-        return label
-    x = torch.from_numpy(np.array(label))[None, None]
-    return F.interpolate(x, size=hw, mode="nearest")[0, 0].numpy()
+def _four_channels(image: np.ndarray) -> np.ndarray:
+    """``[H, W, 4]`` pixels of a uint8 ``[H, W, 3]`` image: the array it is the RGB view of, as a decoded
+    colour JPEG is (:func:`vpd_ray.data.decode.decode_image`), else a padded copy (1-2 ms for ADE20K)."""
+    base = image.base
+    if (isinstance(base, np.ndarray) and base.dtype == np.uint8 and base.shape == (*image.shape[:2], 4)
+            and base.flags.c_contiguous and image.strides == base.strides and base.ctypes.data == image.ctypes.data):
+        return base
+    return F.pad(torch.from_numpy(np.ascontiguousarray(image)), (0, 1)).numpy()
 
 
-def random_rescale(
-    image: np.ndarray, label: np.ndarray, rng: np.random.Generator, scale: Sequence[int], ratio_range: Sequence[float]
-) -> tuple[np.ndarray, np.ndarray]:
-    """mmseg ``Resize`` with ``ratio_range``: scale ``* U(ratio_range)``, then keep-ratio rescale."""
-    ratio = rng.uniform(*ratio_range)
-    hw = rescale_size(image.shape[:2], (int(scale[0] * ratio), int(scale[1] * ratio)))
-    return resize_image(image, hw), resize_label(label, hw)
+def nearest_indices(in_len: int, out_len: int) -> np.ndarray:
+    """int64 ``[out_len]``: the source index of each output index of a nearest resize (OpenCV's
+    ``INTER_NEAREST``, torch's ``mode="nearest"``), computed by torch's kernel on an index ramp, so that a
+    gather with them equals ``F.interpolate`` exactly (whole numbers below 2^24 are exact in float32)."""
+    ramp = torch.arange(in_len, dtype=torch.float32)[None, None, :, None]
+    return F.interpolate(ramp, size=(out_len, 1), mode="nearest")[0, 0, :, 0].long().numpy()
+
+
+def draw_crop(
+    hw: tuple[int, int],
+    rng: np.random.Generator,
+    crop_hw: tuple[int, int],
+    label_at: Callable[[int, int], np.ndarray],
+    cat_max_ratio: float = 0.75,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[int, int]:
+    """mmseg ``RandomCrop``'s top-left corner in an image of size ``hw``: up to 10 re-draws while one class
+    fills ``>= cat_max_ratio`` of the crop's labels (``label_at(y, x)``). After 10 rejected crops the 11th
+    is taken as it comes, as in mmseg."""
+    ch, cw = crop_hw
+
+    def draw() -> tuple[int, int]:
+        return int(rng.integers(0, max(hw[0] - ch, 0) + 1)), int(rng.integers(0, max(hw[1] - cw, 0) + 1))
+
+    y, x = draw()
+    if cat_max_ratio < 1.0:
+        for _ in range(10):
+            counts = np.bincount(label_at(y, x).ravel(), minlength=ignore_index + 1)
+            counts[ignore_index] = 0
+            counts = counts[counts > 0]  # the classes present, as mmseg's np.unique(return_counts=True)
+            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+                break
+            y, x = draw()
+    return y, x
 
 
 def random_crop(
@@ -80,29 +117,35 @@ def random_crop(
     cat_max_ratio: float = 0.75,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """mmseg ``RandomCrop``: up to 10 re-draws while one class fills ``>= cat_max_ratio`` of the crop.
+    """mmseg ``RandomCrop`` of an image and its label (:func:`draw_crop`)."""
+    ch, cw = crop_hw
+    y, x = draw_crop(label.shape, rng, crop_hw, lambda y, x: label[y : y + ch, x : x + cw], cat_max_ratio, ignore_index)
+    return image[y : y + ch, x : x + cw], label[y : y + ch, x : x + cw]
 
-    After 10 rejected crops the 11th is taken as it comes, as in mmseg.
-    """
 
+def rescale_and_crop(
+    image: np.ndarray,
+    label: np.ndarray,
+    rng: np.random.Generator,
+    scale: Sequence[int],
+    ratio_range: Sequence[float],
+    crop_hw: tuple[int, int],
+    cat_max_ratio: float = 0.75,
+) -> tuple[np.ndarray, np.ndarray]:
+    """mmseg ``Resize`` with ``ratio_range`` (scale ``* U(ratio_range)``, then keep-ratio rescale), then
+    ``RandomCrop``: the same draws and the same pixels as resizing both and cropping, but the label is
+    resized only inside each crop drawn (a nearest resize is a gather, :func:`nearest_indices`), which is
+    most of the work for an image upscaled to 1024x1366 and cropped to 512x512."""
+    ratio = rng.uniform(*ratio_range)
+    hw = rescale_size(image.shape[:2], (int(scale[0] * ratio), int(scale[1] * ratio)))
+    rows, cols = nearest_indices(label.shape[0], hw[0]), nearest_indices(label.shape[1], hw[1])
     ch, cw = crop_hw
 
-    def draw() -> tuple[int, int]:
-        return (
-            int(rng.integers(0, max(image.shape[0] - ch, 0) + 1)),
-            int(rng.integers(0, max(image.shape[1] - cw, 0) + 1)),
-        )
+    def label_at(y: int, x: int) -> np.ndarray:
+        return label.take(rows[y : y + ch], axis=0).take(cols[x : x + cw], axis=1)
 
-    y, x = draw()
-    if cat_max_ratio < 1.0:
-        for _ in range(10):
-            counts = np.bincount(label[y : y + ch, x : x + cw].ravel(), minlength=ignore_index + 1)
-            counts[ignore_index] = 0
-            counts = counts[counts > 0]  # the classes present, as mmseg's np.unique(return_counts=True)
-            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
-                break
-            y, x = draw()
-    return image[y : y + ch, x : x + cw], label[y : y + ch, x : x + cw]
+    y, x = draw_crop(hw, rng, crop_hw, label_at, cat_max_ratio)
+    return resize_image(image, hw)[y : y + ch, x : x + cw], label_at(y, x)
 
 
 DISTORTION_FIELDS = ("brightness_on", "brightness", "contrast_first", "contrast_on", "contrast",
@@ -169,7 +212,7 @@ def photometric_distortion(images: torch.Tensor, params: torch.Tensor) -> torch.
     contrast_first, contrast_last = field[3] * field[2], field[3] * (1 - field[2])
     x = apply_lut(images, per_sample(contrast_first, _convert(levels, alpha=against(field[4], ramp)), levels))
     x = per_sample(field[5], _with_hsv_channel(x, 1, lambda s: _convert(s, alpha=against(field[6], s))), x)
-    hue = lambda h: torch.remainder(h + against(field[8], h).float(), 180)  # noqa: E731  whole shifts, exact
+    hue = lambda h: torch.remainder(h + against(field[8], h).float(), 180)
     x = per_sample(field[7], _with_hsv_channel(x, 0, hue), x)
     return apply_lut(x, per_sample(contrast_last, _convert(ramp, alpha=against(field[4], ramp)), ramp))
 
@@ -213,8 +256,7 @@ def seg_train_augment(
     """The training pipeline's CPU part on an already label-shifted sample: ``image`` uint8 ``[3,h,w]``,
     ``label`` uint8 ``[h,w]``, ``image_hw`` int64 ``[2]`` and ``photometric`` float64 ``[9]``; the distortion
     and the image padding happen on the device (``SegTask.augment_on_device``)."""
-    image, label = random_rescale(image, label, rng, scale, ratio_range)
-    image, label = random_crop(image, label, rng, crop_hw, cat_max_ratio)
+    image, label = rescale_and_crop(image, label, rng, scale, ratio_range, crop_hw, cat_max_ratio)
     if rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
     params = torch.from_numpy(draw_distortion(rng))
