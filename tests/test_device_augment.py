@@ -176,6 +176,25 @@ def test_depth_train_pipeline_equals_the_reference_sample_for_sample():
     assert worst <= 1
 
 
+def test_depth_cpu_part_is_the_reference_geometry_exactly():
+    """CutDepth applied to the crop after the flip gives the pixels of cutting the whole image first."""
+    image = _images(1, (48, 64))[0]
+    depth = np.random.default_rng(2).uniform(0.5, 9.5, (48, 64)).astype(np.float32)
+    cut = 0
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        ref = image
+        if rng.random() < depth_aug.CUTDEPTH_P:
+            ref, cut = depth_aug.cut_depth(image, depth, rng), cut + 1
+        ref_depth = depth
+        if rng.random() < depth_aug.FLIP_P:
+            ref, ref_depth = ref[:, ::-1], depth[:, ::-1]
+        ref, ref_depth = depth_aug.random_crop(ref, ref_depth, (32, 40), rng)
+        image_t, depth_t, _ = depth_aug.train_augment(image, depth, np.random.default_rng(seed), (32, 40))
+        assert np.array_equal(image_t.numpy(), ref.transpose(2, 0, 1)) and np.array_equal(depth_t[0].numpy(), ref_depth)
+    assert 30 < cut < 70  # CutDepth on about a quarter of them
+
+
 def _assert_spans(drawn: np.ndarray, lo: float, hi: float, name: str) -> None:
     """Draws of a uniform parameter reach both ends of ``[lo, hi]`` (within 2% of the range)."""
     assert lo <= drawn.min() < lo + 0.02 * (hi - lo) and hi - 0.02 * (hi - lo) < drawn.max() <= hi, name

@@ -333,3 +333,44 @@ def test_shuffle_epochs_fills_the_next_buffer_while_emptying_this_one():
     alone = [s for e in (0, 1, 2) for _, _, s in itertools.islice(shuffle_epochs(_epochs(4, start=e)), 10)]
     assert out == alone
     assert read_before[0] == 5 and np.diff(read_before).max() <= 1  # the first buffer (4) + 1, then at most one each
+
+
+def _big_shard(path: str, count: int, size: int) -> None:
+    """A shard of ``count`` samples with one ``size``-byte member each."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(count):
+            info = tarfile.TarInfo(f"s{i:04d}.bin")
+            info.size = size
+            tar.addfile(info, io.BytesIO(bytes([i]) * size))
+
+
+class _CountingFile(io.FileIO):
+    read_bytes = 0
+
+    def read(self, size=-1):
+        data = super().read(size)
+        _CountingFile.read_bytes += len(data)
+        return data
+
+    def readinto(self, buffer):
+        n = super().readinto(buffer)
+        _CountingFile.read_bytes += n or 0
+        return n
+
+
+def test_a_slot_starting_deep_in_a_shard_seeks_past_the_others_samples(tmp_path, monkeypatch):
+    from vpd_ray.data import tario
+
+    path, size = str(tmp_path / "big.tar"), 1 << 16
+    _big_shard(path, 20, size)
+    monkeypatch.setattr(tario, "open_url", lambda url: _CountingFile(url, "rb"))
+    everything = dict(tario.iter_raw_samples(path))
+    assert _CountingFile.read_bytes >= 20 * size  # a skip of 0 streams the shard
+    _CountingFile.read_bytes = 0
+    tail = list(tario.iter_raw_samples(path, skip=18, take=2))
+    assert [key for key, _ in tail] == ["s0018", "s0019"] and all(fields == everything[k] for k, fields in tail)
+    assert _CountingFile.read_bytes < 4 * size  # the two samples and headers, not the 18 before them
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - size // 2)
+    with pytest.raises(tario.TruncatedShardError):
+        list(tario.iter_raw_samples(path, skip=18, take=2))

@@ -8,6 +8,7 @@ import torch
 
 from vpd_ray.data.augment.seg import (
     draw_distortion,
+    nearest_indices,
     photometric_distortion,
     random_crop,
     reduce_zero_label,
@@ -145,6 +146,14 @@ def test_rescale_and_crop_equals_resizing_everything_then_cropping(seed):
     got = rescale_and_crop(image, label, np.random.default_rng(seed + 100), *args)
     want = _resize_all_then_crop(image, label, np.random.default_rng(seed + 100), *args)
     assert got[0].shape == want[0].shape and np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_nearest_indices_are_torchs_own():
+    for in_len in (1, 2, 3, 7, 37, 512, 683):
+        for out_len in {1, 2, 5, in_len, 2 * in_len, in_len + 1, max(in_len // 2, 1), int(in_len * 1.37) + 1, 1366}:
+            ramp = torch.arange(in_len, dtype=torch.float32)[None, None, :, None]
+            want = torch.nn.functional.interpolate(ramp, size=(out_len, 1), mode="nearest")[0, 0, :, 0].long()
+            assert np.array_equal(nearest_indices(in_len, out_len), want.numpy()), (in_len, out_len)
 
 
 @pytest.mark.parametrize("source", ["array", "decoded jpeg"])

@@ -57,6 +57,10 @@ def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
+# Bytes a streamed tar is read by: tarfile's default (10 KB) costs a loader about 0.5 ms of Python a 1 MB sample.
+STREAM_CHUNK = 1 << 20
+
+
 def open_url(url: str) -> IO[bytes]:
     """A binary file object for a local path or any URL fsspec knows (s3://, gs://, http://...)."""
     if is_local(url):
@@ -78,7 +82,10 @@ def split_name(name: str) -> tuple[str, str]:
 def iter_raw_samples(url: str, skip: int = 0, take: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {ext: bytes})`` for samples ``skip .. skip+take`` of one shard, in tar order.
 
-    Members of skipped samples are stepped over without reading their data. Raises
+    Members of skipped samples are stepped over without reading their data: a seekable file (a local
+    shard, or an fsspec file) is opened for random access, so a loader slot whose range starts deep in a
+    shard (a validation pass split over slots) seeks past the others' samples instead of reading them;
+    a skip of 0 streams. Raises
     :class:`TruncatedShardError` when the tar ends inside a member or, with ``take`` given,
     before ``skip + take`` samples; the samples before it have been yielded, the incomplete one
     has not.
@@ -88,7 +95,8 @@ def iter_raw_samples(url: str, skip: int = 0, take: int | None = None) -> Iterat
     index, key, fields = -1, None, {}
     with open_url(url) as fileobj:
         try:
-            with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+            with tarfile.open(fileobj=fileobj, mode="r:" if skip and fileobj.seekable() else "r|",
+                              bufsize=STREAM_CHUNK) as tar:
                 for member in tar:
                     if not member.isfile():
                         continue

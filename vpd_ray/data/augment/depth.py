@@ -39,25 +39,32 @@ PHOTOMETRIC_FIELDS = ("contrast_brightness_on", "contrast", "brightness", "gamma
                       "hsv_on", "hue_shift", "saturation_shift", "value_shift")
 
 
+def cut_depth_strip(width: int, rng: np.random.Generator) -> tuple[int, int]:
+    """CutDepth's strip, ``(left, columns)``: the reference's two draws."""
+    alpha, beta = rng.random(), rng.random()
+    return int(alpha * width), int(max((width - alpha * width) * beta * CUTDEPTH_MAX_SHARE, 1))
+
+
 def cut_depth(image: np.ndarray, depth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Replace a random vertical strip of all three channels by the depth (uint8-truncated metres)."""
-    width = image.shape[1]
-    alpha, beta = rng.random(), rng.random()
-    left = int(alpha * width)
-    strip = int(max((width - alpha * width) * beta * CUTDEPTH_MAX_SHARE, 1))
+    left, strip = cut_depth_strip(image.shape[1], rng)
     out = image.copy()
     out[:, left:left + strip, :] = depth[:, left:left + strip, None].astype(np.uint8)
     return out
 
 
-def random_crop(image: np.ndarray, depth: np.ndarray, crop_hw: tuple[int, int],
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    height, width = depth.shape
-    ch, cw = crop_hw
+def crop_corner(hw: tuple[int, int], crop_hw: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
+    """A random crop's top-left corner; a crop larger than the sample is a ValueError."""
+    (height, width), (ch, cw) = hw, crop_hw
     if ch > height or cw > width:
         raise ValueError(f"crop {ch}x{cw} is larger than the {height}x{width} sample")
-    top, left = int(rng.integers(height - ch + 1)), int(rng.integers(width - cw + 1))
-    return image[top:top + ch, left:left + cw], depth[top:top + ch, left:left + cw]
+    return int(rng.integers(height - ch + 1)), int(rng.integers(width - cw + 1))
+
+
+def random_crop(image: np.ndarray, depth: np.ndarray, crop_hw: tuple[int, int],
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    top, left = crop_corner(depth.shape, crop_hw, rng)
+    return image[top:top + crop_hw[0], left:left + crop_hw[1]], depth[top:top + crop_hw[0], left:left + crop_hw[1]]
 
 
 def draw_photometric(rng: np.random.Generator) -> np.ndarray:
@@ -123,12 +130,21 @@ def train_augment(image: np.ndarray, depth: np.ndarray, rng: np.random.Generator
     [1,h,w] m, photometric parameters float64 [9])``; :func:`photometric` finishes the image on the device."""
     if image.shape[:2] != depth.shape:
         raise ValueError(f"image {image.shape[:2]} and depth {depth.shape} differ in size")
-    if rng.random() < CUTDEPTH_P:
-        image = cut_depth(image, depth, rng)
-    if rng.random() < FLIP_P:
+    width = depth.shape[1]
+    strip = cut_depth_strip(width, rng) if rng.random() < CUTDEPTH_P else (0, 0)
+    flip = rng.random() < FLIP_P
+    if flip:
         image, depth = image[:, ::-1], depth[:, ::-1]
-    image, depth = random_crop(image, depth, crop_hw, rng)
-    return (*to_tensors(image, depth), torch.from_numpy(draw_photometric(rng)))
+    top, left = crop_corner(depth.shape, crop_hw, rng)
+    image_t, depth_t = to_tensors(image[top:top + crop_hw[0], left:left + crop_hw[1]],
+                                  depth[top:top + crop_hw[0], left:left + crop_hw[1]])
+    # CutDepth on the crop, where its strip lands after the flip: the same pixels as cutting the whole
+    # image first, without copying it (a third of a sample's CPU time on a quarter of the samples).
+    start, stop = (width - strip[0] - strip[1], width - strip[0]) if flip else (strip[0], strip[0] + strip[1])
+    start, stop = max(start - left, 0), min(stop - left, crop_hw[1])
+    if start < stop:
+        image_t[:, :, start:stop] = depth_t[:, :, start:stop].to(torch.uint8)  # truncated metres, as numpy's astype
+    return image_t, depth_t, torch.from_numpy(draw_photometric(rng))
 
 
 def eval_prepare(image: np.ndarray, depth: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
