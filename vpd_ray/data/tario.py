@@ -57,8 +57,9 @@ def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
-# Bytes a streamed tar is read by: tarfile's default (10 KB) costs a loader about 0.5 ms of Python a 1 MB sample.
-STREAM_CHUNK = 1 << 20
+# Bytes a tar stream (a file that cannot seek) is read by: tarfile's default (10 KB) means many calls a
+# 1 MB sample, and much larger chunks are slower again (every small read copies the rest of the chunk).
+STREAM_CHUNK = 1 << 16
 
 
 def open_url(url: str) -> IO[bytes]:
@@ -83,9 +84,10 @@ def iter_raw_samples(url: str, skip: int = 0, take: int | None = None) -> Iterat
     """Yield ``(key, {ext: bytes})`` for samples ``skip .. skip+take`` of one shard, in tar order.
 
     Members of skipped samples are stepped over without reading their data: a seekable file (a local
-    shard, or an fsspec file) is opened for random access, so a loader slot whose range starts deep in a
-    shard (a validation pass split over slots) seeks past the others' samples instead of reading them;
-    a skip of 0 streams. Raises
+    shard, or an fsspec file) is read with tarfile's random access, so a loader slot whose range starts
+    deep in a shard (a validation pass split over slots) seeks past the others' samples instead of
+    reading them, and it is also the fastest way through a local shard (about 0.2 ms a 1 MB NYU sample,
+    against 0.25-0.35 streamed). Raises
     :class:`TruncatedShardError` when the tar ends inside a member or, with ``take`` given,
     before ``skip + take`` samples; the samples before it have been yielded, the incomplete one
     has not.
@@ -95,8 +97,7 @@ def iter_raw_samples(url: str, skip: int = 0, take: int | None = None) -> Iterat
     index, key, fields = -1, None, {}
     with open_url(url) as fileobj:
         try:
-            with tarfile.open(fileobj=fileobj, mode="r:" if skip and fileobj.seekable() else "r|",
-                              bufsize=STREAM_CHUNK) as tar:
+            with tarfile.open(fileobj=fileobj, mode="r:" if fileobj.seekable() else "r|", bufsize=STREAM_CHUNK) as tar:
                 for member in tar:
                     if not member.isfile():
                         continue
