@@ -48,7 +48,9 @@ class LocalCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": self.address}
         self.temp_dir = temp_dir
-        self.head = self._start(["--head", f"--port={self.port}", f"--dashboard-port={free_port()}",
+        dashboard = free_port()
+        self.jobs_address = f"http://127.0.0.1:{dashboard}"  # the job API, for `ray job submit --address`
+        self.head = self._start(["--head", f"--port={self.port}", f"--dashboard-port={dashboard}",
                                  "--dashboard-host=127.0.0.1"], num_cpus=1)
         self.workers: list[subprocess.Popen] = []
 

@@ -2,34 +2,39 @@
 counts, export, ZeRO stages.
 
 One module-scoped run of ``configs/sample.yaml`` feeds several tests, so DeepSpeed's op build and Ray's
-start are paid once. It is elastic over the session's two 1-CPU nodes (``scaling.num_workers=[1, 2]``),
-and the worker node is killed after the first checkpoint: the run resumes on the head alone (1 worker,
-accumulation 2: the global batch stays 8), grows back to 2 workers when a replacement node joins, and
-ends at its steps with a package.
+start are paid once. It is a job submitted with ``ray job submit`` to the session's cluster, as a user
+would, and elastic over its two 1-CPU nodes (``scaling.num_workers=[1, 2]``); the worker node is killed
+after the first checkpoint: the run resumes on the head alone (1 worker, accumulation 2: the global batch
+stays 8), grows back to 2 workers when a replacement node joins, and ends at its steps with a package;
+the job ends SUCCEEDED and ``ray job logs`` shows the fault and the resumes. If a wait fails, the
+failure carries what the job and the cluster were doing (:func:`_job_report`).
 """
 
+import glob
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import connect, wait_for_cpus, wait_for_idle_cluster
+from conftest import wait_for_cpus, wait_for_idle_cluster
 from vpd_ray.config import load
 from vpd_ray.engine.console import ERRORS, EVENTS
 from vpd_ray.engine.evaluation import evaluate_task
 from vpd_ray.package import load_package
+from vpd_ray.paths import SHARD_KEYS
 
 pytestmark = pytest.mark.slow
 
 MAX_STEPS, VAL_EVERY = 100, 40
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RAY_CLI = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
 def _events(run_dir: str) -> str:
@@ -38,35 +43,67 @@ def _events(run_dir: str) -> str:
 
 
 def _wait_for(run_dir: str, pattern: str, timeout_s: float = 300, after: int = 0) -> re.Match:
-    """The first match of ``pattern`` in events.log past offset ``after``."""
+    """The first match of ``pattern`` in events.log past offset ``after`` (on timeout the fixture's
+    failure shows events.log, with the rest of :func:`_job_report`)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         found = re.search(pattern, _events(run_dir)[after:])
         if found:
             return found
         time.sleep(0.5)
-    raise AssertionError(f"no {pattern!r} in events.log after {timeout_s} s:\n{_events(run_dir)}")
+    raise AssertionError(f"no {pattern!r} in events.log after {timeout_s} s")
+
+
+def _ray_job(ray_nodes, *args: str) -> subprocess.CompletedProcess:
+    """``ray job ARGS --address <the session cluster's job API>``, as a user's shell runs it (no colour
+    codes: its output goes into assertion messages)."""
+    return subprocess.run([RAY_CLI, "job", args[0], "--address", ray_nodes.jobs_address, "--log-color", "false",
+                           *args[1:]], capture_output=True, text=True, timeout=300)
+
+
+def _job_status(ray_nodes, job_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(ray_nodes.jobs_address).get_job_status(job_id).value
+
+
+def _wait_for_job_end(ray_nodes, job_id: str, timeout_s: float = 600) -> str:
+    """The job's status once it has ended, or at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while (status := _job_status(ray_nodes, job_id)) in ("PENDING", "RUNNING") and time.monotonic() < deadline:
+        time.sleep(1)
+    return status
 
 
 @pytest.fixture(scope="module")
 def sample_run(ray_nodes, ray_cluster, tmp_path_factory):
-    """The sample training, elastic over two nodes, the worker node lost after the first checkpoint and
-    a replacement joining once the run has shrunk; returns (cfg, result, run dir, what happened when)."""
-    from vpd_ray.engine.train_job import fit
-
+    """The sample training submitted with ``ray job submit`` to the two-node cluster, elastic over both
+    nodes, the worker node lost after the first checkpoint and a replacement joining once the run has
+    shrunk; returns (cfg, the job's logs, run dir, what happened when)."""
     storage = tmp_path_factory.mktemp("runs")
-    cfg = load("configs/sample.yaml", [
-        f"run.storage_path={storage}", "run.name=sample", f"train.max_steps={MAX_STEPS}",
-        f"train.val_every={VAL_EVERY}", "scaling.num_workers=[1,2]", "scaling.elastic_resize_monitor_interval_s=2",
-        "run.max_failures=4"])
+    config = os.path.join(REPO, "configs", "sample.yaml")
+    overrides = [f"run.storage_path={storage}", "run.name=sample", f"train.max_steps={MAX_STEPS}",
+                 f"train.val_every={VAL_EVERY}", "scaling.num_workers=[1,2]",
+                 "scaling.elastic_resize_monitor_interval_s=2", "run.max_failures=4"]
+    cfg = load(config, overrides)
     run_dir = os.path.join(str(storage), "sample")
+    # No --working-dir: every node runs on this machine, with this venv's editable install of vpd_ray and
+    # the repository's shards, as a cluster whose image has the package and whose nodes share the data
+    # mount. The job then needs no package zipped, uploaded and unpacked on each node (the replacement
+    # node too, before a worker can start there): fewer steps that can stall a start. `ray job submit
+    # --working-dir .` itself is launchers/local.sh's path (tests/test_launch.py). The job's working
+    # directory is the one its node's `ray start` had (here pytest's, by chance the repository): the
+    # config and the shards go by absolute paths (load() made the config's relative shard paths absolute).
+    shards = [f"tasks.depth.{key}={cfg.tasks.depth[key]}" for key in SHARD_KEYS]
     # Ray Train's first restart asks for the old size while the lost node's CPU still counts; it tries
-    # fewer after this timeout (default 60 s; the driver's RAY_TRAIN_* variables reach the controller).
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
-    outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=fit(cfg)), daemon=True)
+    # fewer after this timeout (default 60 s; the job's environment reaches its controller).
+    runtime_env = {"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}}
+    job_id = f"sample-{os.getpid()}"
+    submitted = _ray_job(ray_nodes, "submit", "--submission-id", job_id, "--runtime-env-json",
+                         json.dumps(runtime_env), "--no-wait", "--",
+                         sys.executable, "-m", "vpd_ray.train", config, *overrides, *shards)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     try:
-        runner.start()
         _wait_for(run_dir, r"worker group: 2 workers on 2 nodes")
         _wait_for(run_dir, rf"checkpoint_{VAL_EVERY:08d}: ")
         killed_at = time.time()
@@ -79,15 +116,62 @@ def sample_run(ray_nodes, ray_cluster, tmp_path_factory):
         after = _events(run_dir).index(shrunk.group(0))
         _wait_for(run_dir, r"worker group: 2 workers on 2 nodes", after=after)
         grown = _wait_for(run_dir, r"resuming from checkpoint \S+ at step (\d+)\b(?! on 1 workers)", after=after + 1)
-        runner.join(timeout=600)
-    except BaseException:
-        _abandon(ray_nodes)
+        status = _wait_for_job_end(ray_nodes, job_id)
+        assert status == "SUCCEEDED", f"the job is {status}"
+    except BaseException as err:
+        err.add_note(_job_report(ray_nodes, job_id, run_dir))  # before the stop: what it was doing
+        _abandon(ray_nodes, job_id)
         raise
-    finally:
-        os.environ.pop("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
-    assert not runner.is_alive() and "result" in outcome
-    return cfg, outcome["result"], run_dir, {"killed_at": killed_at, "shrunk": int(shrunk.group(1)),
-                                             "grown": int(grown.group(1))}
+    logs = _ray_job(ray_nodes, "logs", job_id).stdout
+    return cfg, logs, run_dir, {"killed_at": killed_at, "shrunk": int(shrunk.group(1)), "grown": int(grown.group(1))}
+
+
+def _tail(text: str, lines: int = 80) -> str:
+    """The last lines: where a stalled run's log says what it waits for."""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _output(proc: subprocess.CompletedProcess) -> str:
+    """A CLI's stdout and stderr: its answer or the error that kept it from one."""
+    return proc.stdout + proc.stderr
+
+
+def _job_report(ray_nodes, job_id: str, run_dir: str) -> str:
+    """What a failed or stalled job was doing, for the test's failure: gathered before the job is stopped
+    and the test cluster deleted with Ray's session logs. The job's status and logs (the console says what
+    a worker group waits for after 60 s), what the cluster has free and what holds or waits for it, the
+    run's events, and the driver's and Ray Train controller's log files read from the head's session dir,
+    which answer even when the job API does not. A part that cannot be had says why, and the rest follow."""
+    import ray
+    from ray.util.state import list_actors, list_placement_groups
+
+    logs = os.path.join(ray_nodes.temp_dir, "session_latest", "logs")
+    controllers = sorted(glob.glob(os.path.join(logs, "train", "ray-train-sys-controller-*.log")),
+                         key=os.path.getmtime)
+    parts = {
+        "ray job status": lambda: _output(_ray_job(ray_nodes, "status", job_id)),
+        "ray job logs (tail)": lambda: _tail(_output(_ray_job(ray_nodes, "logs", job_id))),
+        "resources": lambda: f"{ray.available_resources()} free of {ray.cluster_resources()}",
+        "nodes": lambda: "\n".join(f"{n['NodeID'][:8]} alive={n['Alive']} {n['Resources'].get('CPU', 0)} CPU"
+                                   for n in ray.nodes()),
+        "actors, not dead": lambda: "\n".join(f"{a.state} {a.class_name} on {(a.node_id or '-')[:8]}"
+                                              for a in list_actors(filters=[("state", "!=", "DEAD")])),
+        "placement groups, not removed": lambda: "\n".join(
+            f"{g.state} {g.placement_group_id[:8]} bundles {[b['unit_resources'] for b in g.bundles]} on nodes "
+            f"{[b['node_id'][:8] or '-' for b in g.bundles]}"
+            for g in list_placement_groups(filters=[("state", "!=", "REMOVED")], detail=True)),
+        EVENTS: lambda: _events(run_dir) or "(none yet)",
+        f"job-driver-{job_id}.log (tail)": lambda: _tail(open(os.path.join(logs, f"job-driver-{job_id}.log")).read()),
+        "Ray Train controller log (tail)": lambda: _tail(open(controllers[-1]).read()) if controllers else "(none)",
+    }
+    report = []
+    for title, gather in parts.items():
+        try:
+            text = gather()
+        except Exception as err:
+            text = f"(unavailable: {err!r})"
+        report.append(f"--- {title}\n{text.rstrip()}")
+    return "\n".join(report)
 
 
 def _checkpoint_metas(run_dir: str) -> dict[int, dict]:
@@ -101,16 +185,14 @@ def _checkpoint_metas(run_dir: str) -> dict[int, dict]:
     return metas
 
 
-def _abandon(ray_nodes) -> None:
-    """After a failed wait: stop the run and give the cluster back its two nodes, so that the module's
+def _abandon(ray_nodes, job_id: str) -> None:
+    """After a failed wait: stop the job and give the cluster back its two nodes, so that the module's
     other tests start on an idle cluster instead of queueing behind a run that goes on (Ray Train retries
-    a worker group that cannot be placed without limit)."""
-    import ray
-
-    ray.shutdown()  # the run's controller is an actor of this driver: it ends with the connection
+    a worker group that cannot be placed without limit). This process is only a client of the cluster:
+    the run's controller belongs to the job's driver, and ends with it (`ray job stop` waits for that)."""
+    _ray_job(ray_nodes, "stop", job_id)
     if not ray_nodes.workers:
         ray_nodes.add_node()
-    connect(ray_nodes.address)
     wait_for_cpus(2)
     wait_for_idle_cluster()
 
@@ -155,8 +237,11 @@ def test_learns_below_mean_baseline(sample_run):
 
 
 def test_a_lost_node_shrinks_the_elastic_run_and_a_new_node_grows_it(sample_run):
-    _, result, run_dir, when = sample_run
-    assert result.metrics["step"] == MAX_STEPS and max(_checkpoint_metas(run_dir)) == MAX_STEPS
+    _, logs, run_dir, when = sample_run
+    assert max(_checkpoint_metas(run_dir)) == MAX_STEPS
+    # The client's view: `ray job logs` shows the fault, the resumes and the summary.
+    assert "fault on worker rank" in logs and "resuming from checkpoint" in logs, logs[-3000:]
+    assert f"[vpd] done: step {MAX_STEPS}/{MAX_STEPS} " in logs, logs[-3000:]
     events = _events(run_dir)
     assert "fault on worker rank" in events and "worker group: 1 workers on 1 nodes" in events  # on record
     assert when["shrunk"] == VAL_EVERY and when["grown"] >= when["shrunk"]  # at most val_every steps lost
@@ -183,6 +268,8 @@ def test_a_lost_node_shrinks_the_elastic_run_and_a_new_node_grows_it(sample_run)
     first_after = min(wall for wall, s, _ in losses if wall >= resumed_wall and s > when["shrunk"])
     print(f"\nnode lost -> resumed on 1 worker {resumed_wall - when['killed_at']:.0f} s -> first logged step "
           f"{first_after - when['killed_at']:.0f} s; resumed at step {when['shrunk']}, grown back at step {when['grown']}")
+    restart = re.compile(r"fault on worker rank|resuming from checkpoint|\[vpd\] done: ")
+    print("`ray job logs`, the restarts:\n" + "\n".join(line for line in logs.splitlines() if restart.search(line)))
 
 
 @pytest.fixture(scope="module")
