@@ -114,16 +114,33 @@ def _assert_quiet_console(proc, steps: int, log_every: int, val_every: int) -> N
     assert len(proc.stderr.splitlines()) <= 4, proc.stderr  # Ray's lines on connecting to the cluster
 
 
-def test_finished_run_is_not_silently_resumed_and_nothing_changes(ray_head, tmp_path):
+def _train_in_process(tmp_path, overrides, capsys) -> tuple[int, str, str]:
+    """``python -m vpd_ray.train`` as :func:`_train` runs it, in this process: for the answers given before
+    any Ray work starts (a finished run, a resume rule), which a new interpreter would spend its ~15 s of
+    imports on. Returns (exit code, stdout, stderr)."""
+    from vpd_ray import train
+
+    capsys.readouterr()
+    try:
+        train.main(["configs/sample.yaml", f"run.storage_path={tmp_path}/runs", "run.name=bad", "train.max_steps=6",
+                    "train.val_every=3", *overrides])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_finished_run_is_not_silently_resumed_and_nothing_changes(ray_head, tmp_path, capsys):
     first, _ = _train(tmp_path, ["train.log_every=2"])
     assert first.returncode == 0, first.stderr[-3000:]
     _assert_quiet_console(first, steps=6, log_every=2, val_every=3)
     before = _digests(tmp_path / "runs" / "bad")
-    again, _ = _train(tmp_path, ["train.log_every=2"])
-    assert again.returncode == 0 and "finished at step 6" in again.stdout and "Nothing to do" in again.stdout
+    code, out, _ = _train_in_process(tmp_path, ["train.log_every=2"], capsys)
+    assert code == 0 and "finished at step 6" in out and "Nothing to do" in out
     assert _digests(tmp_path / "runs" / "bad") == before
-    never, _ = _train(tmp_path, ["run.resume=never"])
-    assert never.returncode == 2 and "run.resume=never" in never.stderr.strip().splitlines()[-1]
-    must, _ = _train(tmp_path, ["run.name=fresh", "run.resume=must"])
-    assert must.returncode == 2 and "has no checkpoint to resume" in must.stderr.strip().splitlines()[-1]
+    code, _, err = _train_in_process(tmp_path, ["run.resume=never"], capsys)
+    assert code == 2 and "run.resume=never" in err.strip().splitlines()[-1]
+    code, _, err = _train_in_process(tmp_path, ["run.name=fresh", "run.resume=must"], capsys)
+    assert code == 2 and "has no checkpoint to resume" in err.strip().splitlines()[-1]
     assert _digests(tmp_path / "runs" / "bad") == before
