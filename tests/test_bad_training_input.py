@@ -62,11 +62,16 @@ def forbidden_field(folder) -> None:
         _rewrite_member(os.path.join(folder, shard), lambda n: n.endswith(".jpg"), extra=("pickle", b"\x80\x04K\x01."))
 
 
+def _argv(tmp_path, overrides) -> list[str]:
+    """The run's command-line arguments after ``python -m vpd_ray.train``."""
+    return ["configs/sample.yaml", f"run.storage_path={tmp_path}/runs", "run.name=bad", "train.max_steps=6",
+            "train.val_every=3", "train.max_val_batches=1", "data.max_corrupt=0",
+            "data.shuffle_buffer=0",  # slots read their ranges in order: the spoiled first samples come first
+            *overrides]
+
+
 def _train(tmp_path, overrides, timeout=300):
-    cmd = [sys.executable, "-m", "vpd_ray.train", "configs/sample.yaml", f"run.storage_path={tmp_path}/runs",
-           "run.name=bad", "train.max_steps=6", "train.val_every=3", "train.max_val_batches=1", "data.max_corrupt=0",
-           "data.shuffle_buffer=0",  # slots read their ranges in order: the spoiled first samples come first
-           *overrides]
+    cmd = [sys.executable, "-m", "vpd_ray.train", *_argv(tmp_path, overrides)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     return proc, time.perf_counter() - start
@@ -122,8 +127,7 @@ def _train_in_process(tmp_path, overrides, capsys) -> tuple[int, str, str]:
 
     capsys.readouterr()
     try:
-        train.main(["configs/sample.yaml", f"run.storage_path={tmp_path}/runs", "run.name=bad", "train.max_steps=6",
-                    "train.val_every=3", *overrides])
+        train.main(_argv(tmp_path, overrides))
         code = 0
     except SystemExit as exit_:
         code = exit_.code

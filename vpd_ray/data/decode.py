@@ -159,9 +159,16 @@ def decode_depth_mm(data: bytes) -> np.ndarray:
     return mm.astype(np.uint16, copy=False)
 
 
+def _metres(mm: np.ndarray) -> np.ndarray:
+    """uint16 millimetres -> float32 metres, the one conversion of both depth formats."""
+    metres = mm.astype(np.float32)
+    metres /= DEPTH_SCALE
+    return metres
+
+
 def decode_depth(data: bytes) -> np.ndarray:
     """uint16 millimetre PNG -> float32 ``[H, W]`` metres (0 = no measurement)."""
-    return decode_depth_mm(data).astype(np.float32) / DEPTH_SCALE
+    return _metres(decode_depth_mm(data))
 
 
 def decode_depth_zmap(data: bytes) -> np.ndarray:
@@ -169,9 +176,7 @@ def decode_depth_zmap(data: bytes) -> np.ndarray:
     depth = decode_zmap(data)
     if depth.dtype != np.uint16:
         raise ValueError(f"depth zmap holds {depth.dtype}, expected uint16 millimetres")
-    metres = depth.astype(np.float32)
-    metres /= DEPTH_SCALE
-    return metres
+    return _metres(depth)
 
 
 def decode_index_zmap(data: bytes) -> np.ndarray:

@@ -17,6 +17,7 @@ Pillow's bilinear would low-pass filter on downscaling and shift the statistics.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -150,13 +151,9 @@ def rescale_and_crop(
     rows, cols = nearest_indices(label.shape[0], hw[0]), nearest_indices(label.shape[1], hw[1])
     ch, cw = crop_hw
 
-    last: dict[tuple[int, int], np.ndarray] = {}
-
+    @functools.lru_cache(maxsize=1)  # the accepted crop was just checked: its labels are kept
     def label_at(y: int, x: int) -> np.ndarray:
-        if (y, x) not in last:  # the accepted crop was just checked: keep its labels
-            last.clear()
-            last[y, x] = label.take(rows[y : y + ch], axis=0).take(cols[x : x + cw], axis=1)
-        return last[y, x]
+        return label.take(rows[y : y + ch], axis=0).take(cols[x : x + cw], axis=1)
 
     y, x = draw_crop(hw, rng, crop_hw, label_at, cat_max_ratio)
     return resize_image(image, hw)[y : y + ch, x : x + cw], label_at(y, x)
