@@ -48,11 +48,12 @@ def build(tasks: dict[str, Any], seed: int = 0, **backbone: Any):
 
 
 def train(model, steps: int, lr: float, batch_size: int = 4, unet_lr_mult: float = 0.1, seed: int = 0,
-          grad_clip: float | None = None) -> list[float]:
+          grad_clip: float | None = None, jpeg_decode: str = "loader") -> list[float]:
     """``steps`` AdamW optimizer steps of the product's stepper; returns the mean loss per step.
 
     A step accumulates one micro-batch per task of ``model`` (so a two-task model sees, on average,
-    one batch of each per step). ``grad_clip``: clip the global gradient norm, as ``train.grad_clip``.
+    one batch of each per step). ``grad_clip``: clip the global gradient norm, as ``train.grad_clip``;
+    ``jpeg_decode``: as ``data.jpeg_decode``.
     """
     from vpd_ray.data.pipeline import build_stream
     from vpd_ray.engine.optim import param_groups
@@ -62,7 +63,8 @@ def train(model, steps: int, lr: float, batch_size: int = 4, unet_lr_mult: float
     # thread. One slot either way (num_workers 0 or 1), so the same samples and draws as in-process.
     iters = {
         name: iter(build_stream(sample_urls(name, "train"), task.train_transform, train=True, batch_size=batch_size,
-                                seed=seed, fields=task.fields, num_workers=1, shuffle_buffer=64))
+                                seed=seed, fields=task.fields, num_workers=1, shuffle_buffer=64,
+                                jpeg_decode=jpeg_decode))
         for name, task in model.tasks.items()
     }  # fmt: skip
     # foreach: the same updates bit for bit as the per-tensor loop torch picks on CPU, ~15% less step time

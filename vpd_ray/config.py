@@ -147,6 +147,9 @@ class DataSection:
     num_workers: int = 2  # data-loader processes per training worker
     shuffle_buffer: int = 1000
     max_corrupt: int = 0  # undecodable samples tolerated per stream before it fails
+    # Where train JPEGs are decoded: "loader" (the DataLoader workers) or "device" (the training device after
+    # the copy: nvJPEG through torchvision on a GPU, the training process on a CPU run; vpd_ray.data.device_decode)
+    jpeg_decode: str = "loader"
 
 
 @dataclasses.dataclass
@@ -276,6 +279,26 @@ def _check_above(key: str, value: float, bound: float = 0.0) -> None:
         raise ConfigError(f"{key}: {value!r} must be > {bound}")
 
 
+def _check_jpeg_decode(cfg: DictConfig) -> None:
+    """``data.jpeg_decode: device`` needs tasks whose transforms can leave the image encoded, and on GPU
+    workers torchvision (its nvJPEG decode)."""
+    import importlib.util
+
+    from vpd_ray.data.device_decode import JPEG_DECODES
+    from vpd_ray.tasks import get_task
+
+    _check_choice("data.jpeg_decode", cfg.data.jpeg_decode, JPEG_DECODES)
+    if cfg.data.jpeg_decode != "device":
+        return
+    loader_only = [name for name in cfg.tasks if not get_task(name).decodes_jpeg_on_device]
+    if loader_only:
+        raise ConfigError(f"data.jpeg_decode: device is not supported by task(s) {', '.join(loader_only)}, whose "
+                          "transforms need the decoded image; use data.jpeg_decode=loader")
+    if cfg.scaling.use_gpu and importlib.util.find_spec("torchvision") is None:
+        raise ConfigError("data.jpeg_decode: device decodes with torchvision.io.decode_jpeg on GPU workers; "
+                          "install torchvision built for the installed torch, or use data.jpeg_decode=loader")
+
+
 def local_run_dir(cfg: DictConfig) -> str:
     """Where this machine writes run-side files (TensorBoard, events.log, the package): the run
     directory itself when the storage is local, else ``~/vpd_runs/<name>`` on the node."""
@@ -383,6 +406,7 @@ def validate(cfg: DictConfig, need: tuple[str, ...] = TRAIN_NEEDS, remote: tuple
     _check_choice("scaling.placement_strategy", cfg.scaling.placement_strategy, PLACEMENT_STRATEGIES)
     _check_above("scaling.elastic_resize_monitor_interval_s", cfg.scaling.elastic_resize_monitor_interval_s)
     _check_positive("data.num_workers", cfg.data.num_workers, 0)
+    _check_jpeg_decode(cfg)
     if not cfg.run.name or "/" in cfg.run.name:
         raise ConfigError(f"run.name: {cfg.run.name!r} must be a non-empty name without '/'")
     for name, task in cfg.tasks.items():

@@ -8,6 +8,10 @@ Three loaders per dataset, timed in the same process on the same synthetic files
   photometric augmentation is left for the device.
 - ``cpu-side + device ops on CPU``: the same batches passed through ``task.augment_on_device`` in
   this process, i.e. what a CPU-only run costs per sample.
+- ``cpu-side, JPEG decode left for the device`` (``data.jpeg_decode: device``): the loader reads each
+  JPEG's header only and the batch carries the bytes; ``... + decode and device ops on CPU`` adds
+  ``task.augment_on_device``, which then decodes (simplejpeg, in this process: a CPU run's device),
+  places and augments. On a GPU the decode is nvJPEG's, which this machine cannot measure.
 - ``reference-style``: loose files through a shuffled map-style DataLoader, OpenCV decode, and the
   reference's whole augmentation on the CPU the way its libraries do it (albumentations' LUT and
   ``cv2.cvtColor`` HSV for NYU as in GLPDepth/VPD; mmseg's Resize, RandomCrop, RandomFlip,
@@ -46,6 +50,8 @@ NYU_HW = (480, 640)
 ADE_HW = (512, 683)
 TARGET_RATE = 100.0  # images/s one GPU takes: the "cores per GPU" column
 SHUFFLE_BUFFER = {"nyu": 2000, "ade20k": 1000}  # configs/nyu.yaml, configs/ade20k.yaml
+JPEG_LEFT = "cpu-side, JPEG decode left for the device"  # data.jpeg_decode: device
+JPEG_LEFT_DONE = "... + decode and device ops on CPU"
 
 
 # --- synthetic datasets ---------------------------------------------------------------------------
@@ -282,9 +288,10 @@ def measure(data: dict[str, Any], name: str, batch_size: int, batches: int, roun
     """Median samples/s of the three loaders, the first-batch times (seconds) and the epoch-boundary ratio."""
     task = data["task"]
 
-    def train_stream():
+    def train_stream(jpeg_decode: str = "loader"):
         return build_stream(data["train"], task.train_transform, train=True, batch_size=batch_size, fields=task.fields,
-                            num_workers=0, shuffle_buffer=SHUFFLE_BUFFER[name], rank=0, world_size=1)
+                            num_workers=0, shuffle_buffer=SHUFFLE_BUFFER[name], rank=0, world_size=1,
+                            jpeg_decode=jpeg_decode)
 
     first = {"first batch, train epoch (s)": _first_batch_s(train_stream),
              "first batch, validation pass (s)": _first_batch_s(
@@ -292,10 +299,11 @@ def measure(data: dict[str, Any], name: str, batch_size: int, batches: int, roun
                                       num_workers=0, rank=0, world_size=1)),
              "epoch-boundary batch / steady batch": _boundary_ratio(iter(train_stream()),
                                                                     len(data["pairs"]) // batch_size)}
-    ours = iter(train_stream())
+    ours, deferred = iter(train_stream()), iter(train_stream("device"))
     reference = _cycle(torch.utils.data.DataLoader(LooseFiles(data["pairs"], data["reference"], 0),
                                                    batch_size=batch_size, shuffle=True, drop_last=True))
     loaders = {"cpu-side": (ours, None), "cpu-side + device ops on CPU": (ours, task.augment_on_device),
+               JPEG_LEFT: (deferred, None), JPEG_LEFT_DONE: (deferred, task.augment_on_device),
                "reference-style": (reference, None)}
     for batches_it, finish in loaders.values():  # warm-up: first-call costs and the shuffle buffer
         _rate(batches_it, 1, finish)
@@ -311,7 +319,7 @@ def report(name: str, result: dict[str, float], batch_size: int, batches: int, r
     lines = [f"\n{name} train pipeline, {batches} batches of {batch_size} per round, median of {rounds} rounds, "
              f"1 core", "| loader | samples/s/core | vs reference-style | cores per GPU at 100 images/s |",
              "|---|---|---|---|"]
-    for label in ("cpu-side", "cpu-side + device ops on CPU", "reference-style"):
+    for label in ("cpu-side", "cpu-side + device ops on CPU", JPEG_LEFT, JPEG_LEFT_DONE, "reference-style"):
         rate = result[label]
         lines.append(f"| {label} | {rate:.1f} | {rate / reference:.2f}x | {TARGET_RATE / rate:.2f} |")
     lines += [f"{k}: {result[k]:.2f}" for k in ("first batch, train epoch (s)", "first batch, validation pass (s)",

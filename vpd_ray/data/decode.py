@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from vpd_ray.data.device_decode import DeferredImage
 from vpd_ray.data.zmap import decode_zmap
 from vpd_ray.errors import DataError
 
@@ -83,9 +84,9 @@ def _open_image(data: bytes):
     return image
 
 
-def _colour_jpeg(data: bytes) -> np.ndarray | None:
-    """A YCbCr JPEG (every photo a camera or a dataset stores) -> uint8 ``[H, W, 3]`` RGB via simplejpeg;
-    None for anything else (not a JPEG, grey, CMYK), which Pillow decodes. Corrupt or truncated data
+def _colour_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` of a YCbCr JPEG (every photo a camera or a dataset stores), from its header;
+    None for anything else (not a JPEG, grey, CMYK), which Pillow decodes. A header that does not parse
     raises, as Pillow would."""
     import simplejpeg
 
@@ -96,6 +97,16 @@ def _colour_jpeg(data: bytes) -> np.ndarray | None:
         return None
     if min(height, width) < MIN_SIDE:
         raise ValueError(f"image is {width}x{height} px; the model needs at least {MIN_SIDE} px a side")
+    return height, width
+
+
+def _colour_jpeg(data: bytes) -> np.ndarray | None:
+    """A YCbCr JPEG -> uint8 ``[H, W, 3]`` RGB via simplejpeg; None for any other image
+    (:func:`_colour_jpeg_size`). Corrupt or truncated data raises, as Pillow would."""
+    import simplejpeg
+
+    if _colour_jpeg_size(data) is None:
+        return None
     # Decoded with a padding byte a pixel (libjpeg-turbo writes it for free) and returned as the RGB view:
     # a resize then takes torch's 4-channel kernel, 2x faster than its 3-channel one, without a copy
     # (vpd_ray.data.augment.seg.resize_image).
@@ -145,7 +156,7 @@ def to_rgb(image: Any) -> np.ndarray:
     if image.has_transparency_data:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return np.asarray(image.convert("RGB"))
+    return np.array(image.convert("RGB"))  # a writable array, as the JPEG decoder returns
 
 
 def decode_depth_mm(data: bytes) -> np.ndarray:
@@ -238,11 +249,23 @@ def check_fields(extensions: Iterable[str], key: str, url: str) -> None:
         )
 
 
-def decode_sample(raw: dict[str, bytes], key: str, url: str, wanted: set[str]) -> dict[str, Any]:
-    """Decode the ``wanted`` extensions of one raw sample.
+def _defer_image(data: bytes, key: str, url: str) -> DeferredImage:
+    """A colour JPEG left encoded (its header read and checked), any other image decoded here."""
+    source = f"shard {url}, key {key}"
+    if (hw := _colour_jpeg_size(data)) is not None:
+        return DeferredImage(*hw, source, jpeg=data)
+    pixels = _shard_image(data)
+    return DeferredImage(*pixels.shape[:2], source, pixels=pixels)
+
+
+def decode_sample(raw: dict[str, bytes], key: str, url: str, wanted: set[str],
+                  defer_jpeg: bool = False) -> dict[str, Any]:
+    """Decode the ``wanted`` extensions of one raw sample; ``defer_jpeg``: a colour JPEG image stays
+    encoded and every image comes as a :class:`~vpd_ray.data.device_decode.DeferredImage`
+    (``data.jpeg_decode: device``).
 
     Raises ForbiddenFieldError for a field outside the whitelist and CorruptSampleError for
-    undecodable bytes or a wanted field that is missing.
+    undecodable bytes (a deferred JPEG: an unreadable header) or a wanted field that is missing.
     """
     check_fields(raw, key, url)
     sample: dict[str, Any] = {"__key__": key, "__url__": url}
@@ -250,7 +273,8 @@ def decode_sample(raw: dict[str, bytes], key: str, url: str, wanted: set[str]) -
         if ext not in wanted:
             continue
         try:
-            sample[KNOWN_FIELDS[ext]] = _DECODERS[ext](data)
+            deferred = defer_jpeg and ext in IMAGE_FIELDS
+            sample[KNOWN_FIELDS[ext]] = _defer_image(data, key, url) if deferred else _DECODERS[ext](data)
         except Exception as err:  # PIL and json raise many types for bad bytes
             raise CorruptSampleError(f"shard {url}, key {key}, field {ext}: {type(err).__name__}: {err}") from None
     required = {KNOWN_FIELDS[ext] for ext in wanted if ext not in OPTIONAL_FIELDS}

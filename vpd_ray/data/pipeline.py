@@ -46,7 +46,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data._utils.collate import collate as collate_samples, default_collate_fn_map
 
+from vpd_ray.data.device_decode import PendingImage
 from vpd_ray.data.decode import CorruptSampleError, decode_sample, wanted_extensions
 from vpd_ray.data.tario import TruncatedShardError, expand_urls, iter_raw_samples, shard_counts
 from vpd_ray.errors import DataError
@@ -214,9 +216,9 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, urls: list[str], counts: list[int], transform: Callable, *, train: bool, seed: int,
                  fields: tuple[str, ...] | None, rank: int, world_size: int, num_workers: int, shuffle_buffer: int,
-                 max_corrupt: int, position: DataPosition):
+                 max_corrupt: int, position: DataPosition, defer_jpeg: bool = False):
         self.urls, self.counts, self.transform = urls, counts, transform
-        self.train, self.seed, self.wanted = train, seed, wanted_extensions(fields)
+        self.train, self.seed, self.wanted, self.defer_jpeg = train, seed, wanted_extensions(fields), defer_jpeg
         self.rank, self.world_size, self.num_workers = rank, world_size, max(num_workers, 1)
         self.buffer, self.max_corrupt = shuffle_buffer, max_corrupt
         # what a resumed stream skips: a copy, since the stream goes on recording into the position
@@ -275,7 +277,7 @@ class ShardDataset(IterableDataset):
     def _decoded(self, url: str, key: str, fields: dict[str, bytes]) -> dict[str, Any] | None:
         """The decoded sample, or None for a corrupt one (counted)."""
         try:
-            return decode_sample(fields, key, url, self.wanted)
+            return decode_sample(fields, key, url, self.wanted, self.defer_jpeg)
         except CorruptSampleError as err:
             self._count_corrupt(str(err))
             return None
@@ -313,7 +315,8 @@ class Stream:
 def build_stream(urls: str | list[str], transform: Callable, *, train: bool, batch_size: int | None, seed: int = 0,
                  fields: tuple[str, ...] | None = None, num_workers: int = 2, shuffle_buffer: int = 256,
                  max_corrupt: int = 10, rank: int | None = None, world_size: int | None = None,
-                 position: dict[str, Any] | None = None, pin_memory: bool | None = None) -> Stream:
+                 position: dict[str, Any] | None = None, pin_memory: bool | None = None,
+                 jpeg_decode: str = "loader") -> Stream:
     """A train (infinite, shuffled, full batches) or eval (one pass, in order) stream of batches.
 
     ``urls``: brace pattern / comma list / list / directory / fsspec URLs. ``fields``: the shard
@@ -323,6 +326,8 @@ def build_stream(urls: str | list[str], transform: Callable, *, train: bool, bat
     ``shuffle_buffer``: encoded samples per loader slot (train; see the module docstring).
     ``pin_memory``: batches in page-locked memory for asynchronous host-to-GPU copies (None: when
     CUDA is available; a no-op on CPU-only hosts).
+    ``jpeg_decode``: ``"device"`` leaves a train stream's colour JPEGs encoded for the training device
+    (:mod:`vpd_ray.data.device_decode`); eval streams always decode in the loader.
     Raises :class:`~vpd_ray.errors.DataError` for shards whose manifest marks an incomplete conversion.
     """
     rank, world_size = resolve_rank(rank, world_size)
@@ -340,9 +345,9 @@ def build_stream(urls: str | list[str], transform: Callable, *, train: bool, bat
                         "start a new run.name)")
     dataset = ShardDataset(shard_urls, counts, transform, train=train, seed=seed, fields=fields, rank=rank,
                            world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-                           max_corrupt=max_corrupt, position=start)
+                           max_corrupt=max_corrupt, position=start, defer_jpeg=train and jpeg_decode == "device")
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=torch.utils.data.default_collate if batch_size else _identity,
+                        collate_fn=collate if batch_size else _identity,
                         persistent_workers=False,
                         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
     return Stream(dataset, loader, batch_size, start)
@@ -350,3 +355,12 @@ def build_stream(urls: str | list[str], transform: Callable, *, train: bool, bat
 
 def _identity(sample: Any) -> Any:
     return sample
+
+
+# torch's collation, with the images a transform left for the device (a list of them, not a tensor)
+_COLLATE_FNS = {**default_collate_fn_map, PendingImage: lambda batch, *, collate_fn_map=None: list(batch)}
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """``default_collate``, except that :class:`~vpd_ray.data.device_decode.PendingImage` fields stay a list."""
+    return collate_samples(samples, collate_fn_map=_COLLATE_FNS)

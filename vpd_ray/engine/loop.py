@@ -149,7 +149,7 @@ class Trainer:
             name: build_stream(task.cfg.train_shards, task.train_transform, train=True, batch_size=self.plan.micro[name],
                                seed=self.cfg.run.seed, fields=task.fields, num_workers=d.num_workers,
                                shuffle_buffer=d.shuffle_buffer, max_corrupt=d.max_corrupt,
-                               position=self.state.data.get(name))
+                               position=self.state.data.get(name), jpeg_decode=d.jpeg_decode)
             for name, task in self.tasks.items()
         }
 

@@ -82,6 +82,9 @@ class Task:
     output_kind: ClassVar[str]
     # What ``inference_batch`` needs of a user besides the image (refer: "sentence").
     inference_inputs: ClassVar[tuple[str, ...]] = ()
+    # Whether ``train_transform`` takes an image the loader left encoded (``data.jpeg_decode: device``:
+    # it draws the geometry from the image's size and ``augment_on_device`` decodes and applies it).
+    decodes_jpeg_on_device: ClassVar[bool] = False
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg

@@ -117,6 +117,7 @@ class DepthTask(Task):
     fields = ("jpg", "png", "depth.png", "json")
     paper_row = (("rmse", "RMSE"), ("d1", "d1"), ("d2", "d2"), ("d3", "d3"), ("abs_rel", "REL"), ("log10", "log10"))
     output_kind = "depth"
+    decodes_jpeg_on_device = True
     cfg: DepthConfig
 
     def __init__(self, cfg: DepthConfig):
@@ -168,13 +169,15 @@ class DepthTask(Task):
         return out if self.text_context is None else {**out, **self.text_context.sample_inputs(sample)}
 
     def augment_on_device(self, batch: Batch) -> Batch:
-        """Brightness/contrast, gamma and HSV with the transform's parameters; uint8 image -> float [0,1].
+        """Brightness/contrast, gamma and HSV with the transform's parameters; uint8 image -> float [0,1]
+        (JPEGs the loader left encoded are decoded and cropped first).
         A batch without ``photometric`` (built by hand, already float) passes as it is."""
-        from vpd_ray.data.augment.depth import photometric
+        from vpd_ray.data.augment.depth import finish_images, photometric
 
         if "photometric" not in batch:
             return batch
-        return {**batch, "image": photometric(batch["image"], batch["photometric"]) / 255}
+        images = finish_images(batch["image"], batch["depth"])  # decoded here under data.jpeg_decode: device
+        return {**batch, "image": photometric(images, batch["photometric"]) / 255}
 
     def eval_transform(self, sample: Sample) -> dict[str, Any]:
         from vpd_ray.data.augment.depth import eval_transform

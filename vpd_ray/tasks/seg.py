@@ -130,6 +130,7 @@ class SegTask(Task):
     # The paper's table columns for this task: (metric key, column label), for `python -m vpd_ray.evaluate`.
     paper_row = (("mIoU", "mIoU"), ("aAcc", "aAcc"))
     output_kind = "labels"
+    decodes_jpeg_on_device = True
     cfg: SegConfig
 
     def __init__(self, cfg: SegConfig):
@@ -238,12 +239,15 @@ class SegTask(Task):
 
     def augment_on_device(self, batch: Batch) -> Batch:
         """mmseg's photometric distortion with the transform's parameters, then the image padding (0.5);
-        uint8 image -> float [0,1]. A batch without ``photometric`` (built by hand, already float) passes as it is."""
-        from vpd_ray.data.augment.seg import fill_padding, photometric_distortion
+        uint8 image -> float [0,1] (JPEGs the loader left encoded are decoded, resized and cropped first).
+        A batch without ``photometric`` (built by hand, already float) passes as it is."""
+        from vpd_ray.data.augment.seg import fill_padding, finish_images, photometric_distortion
 
         if "photometric" not in batch:
             return batch
-        image = photometric_distortion(batch["image"], batch["photometric"]) / 255
+        # decoded, resized and cropped here under data.jpeg_decode: device
+        images = finish_images(batch["image"], batch["photometric"].device, tuple(self.cfg.crop_size))
+        image = photometric_distortion(images, batch["photometric"]) / 255
         return {**batch, "image": fill_padding(image, batch["image_hw"])}
 
     def inference_batch(self, pixels: torch.Tensor, inputs: list[dict[str, Any]], protocol: bool) -> Batch:

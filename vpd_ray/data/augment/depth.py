@@ -10,7 +10,9 @@ Where each part runs: CutDepth, flip and crop on the CPU (:func:`train_augment`,
 photometric steps come last, touch nothing the CPU needs, and cost most of a sample's CPU time (an HSV
 round trip), so the transform only draws their parameters (:func:`draw_photometric`, same draws in the
 same order as the reference) and the batch gets them on the training device after the copy
-(:func:`photometric`, via ``DepthTask.augment_on_device``), the image crossing as uint8.
+(:func:`photometric`, via ``DepthTask.augment_on_device``), the image crossing as uint8. Under
+``data.jpeg_decode: device`` the loader only draws the geometry (:func:`draw_geometry`) and the device
+applies it after decoding, with the same :func:`place_image` (:mod:`vpd_ray.data.device_decode`).
 
 Two deliberate choices, both documented in docs/architecture.md:
 - "Every 4th sample": the reference counts samples per loader worker (``count % 4 == 0``), which
@@ -26,7 +28,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vpd_ray.data.augment.crop import crop_window
 from vpd_ray.data.augment.color import apply_lut, hsv8_to_rgb, identity_lut, per_sample, rgb_to_hsv8
+from vpd_ray.data.device_decode import DeferredImage, PendingImage, finish_images as finish_pending, place_or_defer
 
 CUTDEPTH_P = 0.25
 CUTDEPTH_MAX_SHARE = 0.75  # the reference's p: the strip is at most 3/4 of the width to its right
@@ -124,27 +128,60 @@ def to_tensors(image: np.ndarray, depth: np.ndarray) -> tuple[torch.Tensor, torc
     return image_t, depth_t
 
 
-def train_augment(image: np.ndarray, depth: np.ndarray, rng: np.random.Generator,
-                  crop_hw: tuple[int, int] = (480, 480)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """VPD's NYU train augmentation, the CPU part: ``(uint8 [H,W,3], float32 [H,W] m) -> (uint8 [3,h,w],
-    [1,h,w] m, photometric parameters float64 [9])``; :func:`photometric` finishes the image on the device."""
-    if image.shape[:2] != depth.shape:
-        raise ValueError(f"image {image.shape[:2]} and depth {depth.shape} differ in size")
-    width = depth.shape[1]
+def draw_geometry(hw: tuple[int, int], rng: np.random.Generator,
+                  crop_hw: tuple[int, int]) -> tuple[int, int, int, int, int]:
+    """CutDepth, flip and crop of one sample, drawn in the reference's order: ``(flip, top, left, cut
+    start, cut stop)``, the CutDepth strip in the crop's columns (start >= stop: none).
+
+    The strip is placed where it lands after the flip: the same pixels as cutting the whole image first,
+    without copying it (a third of a sample's CPU time on a quarter of the samples).
+    """
+    width = hw[1]
     strip = cut_depth_strip(width, rng) if rng.random() < CUTDEPTH_P else (0, 0)
     flip = rng.random() < FLIP_P
-    if flip:
-        image, depth = image[:, ::-1], depth[:, ::-1]
-    top, left = crop_corner(depth.shape, crop_hw, rng)
-    image_t, depth_t = to_tensors(image[top:top + crop_hw[0], left:left + crop_hw[1]],
-                                  depth[top:top + crop_hw[0], left:left + crop_hw[1]])
-    # CutDepth on the crop, where its strip lands after the flip: the same pixels as cutting the whole
-    # image first, without copying it (a third of a sample's CPU time on a quarter of the samples).
+    top, left = crop_corner(hw, crop_hw, rng)
     start, stop = (width - strip[0] - strip[1], width - strip[0]) if flip else (strip[0], strip[0] + strip[1])
-    start, stop = max(start - left, 0), min(stop - left, crop_hw[1])
+    return int(flip), top, left, max(start - left, 0), min(stop - left, crop_hw[1])
+
+
+def crop_flipped(x: np.ndarray | torch.Tensor, geometry: tuple[int, ...], crop_hw: tuple[int, int]) -> torch.Tensor:
+    """The crop ``[..., h, w]`` of ``x`` ``[..., H, W]`` flipped when ``geometry`` says so, as a new tensor:
+    the mirrored window is copied and flipped, never the whole of ``x``."""
+    flip, top, left = geometry[:3]
+    if flip:
+        left = x.shape[-1] - left - crop_hw[1]
+    return crop_window(x, top, left, crop_hw, bool(flip))
+
+
+def place_image(image: np.ndarray | torch.Tensor, depth: torch.Tensor, geometry: tuple[int, ...]) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` (any strides; numpy, or a tensor on any device) -> its crop ``[3, h, w]`` with
+    CutDepth's strip from the cropped ``depth`` ``[1, h, w]`` metres: the loader's step and, under
+    ``data.jpeg_decode: device``, the device's after decoding."""
+    out = crop_flipped(image, geometry, tuple(depth.shape[-2:]))
+    start, stop = geometry[3:]
     if start < stop:
-        image_t[:, :, start:stop] = depth_t[:, :, start:stop].to(torch.uint8)  # truncated metres, as numpy's astype
+        out[:, :, start:stop] = depth[:, :, start:stop].to(torch.uint8)  # truncated metres, as numpy's astype
+    return out
+
+
+def train_augment(
+    image: np.ndarray | DeferredImage, depth: np.ndarray, rng: np.random.Generator, crop_hw: tuple[int, int] = (480, 480),
+) -> tuple[torch.Tensor | PendingImage, torch.Tensor, torch.Tensor]:
+    """VPD's NYU train augmentation, the CPU part: ``(uint8 [H,W,3], float32 [H,W] m) -> (uint8 [3,h,w],
+    [1,h,w] m, photometric parameters float64 [9])``; :func:`photometric` finishes the image on the device.
+    An image the loader left encoded comes back pending, with its geometry (:mod:`vpd_ray.data.device_decode`)."""
+    if image.shape[:2] != depth.shape:
+        raise ValueError(f"image {image.shape[:2]} and depth {depth.shape} differ in size")
+    geometry = draw_geometry(depth.shape, rng, crop_hw)
+    depth_t = crop_flipped(np.asarray(depth, dtype=np.float32)[None], geometry, crop_hw)
+    image_t = place_or_defer(image, geometry, lambda pixels: place_image(pixels.transpose(2, 0, 1), depth_t, geometry))
     return image_t, depth_t, torch.from_numpy(draw_photometric(rng))
+
+
+def finish_images(images: torch.Tensor | list[PendingImage], depth: torch.Tensor) -> torch.Tensor:
+    """A train batch's uint8 images ``[B,3,h,w]`` where ``depth`` ``[B,1,h,w]`` lies, those left encoded
+    decoded there and placed (:func:`place_image`, with their CutDepth from the cropped depth)."""
+    return finish_pending(images, depth.device, lambda i, image, geometry: place_image(image, depth[i], geometry))
 
 
 def eval_prepare(image: np.ndarray, depth: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,9 @@ Where each part runs: resize, crop (it looks at the label), flip and the label p
 is most of a sample's CPU time (two HSV round trips), is drawn there (:func:`draw_distortion`, mmseg's
 draws in mmseg's order) and applied on the training device after the copy (:func:`photometric_distortion`
 and :func:`fill_padding`, via ``SegTask.augment_on_device``); image and label cross as uint8. The label is
-resized only inside the crops drawn (:func:`rescale_and_crop`), the same pixels as resizing it whole. Resizing
+resized only inside the crops drawn (:func:`draw_rescale_crop`), the same pixels as resizing it whole. Under
+``data.jpeg_decode: device`` the image's resize, crop, flip and padding wait for the device too
+(:func:`place_decoded`, the loader's crop and pad after the device's resize). Resizing
 goes through ``torch.nn.functional.interpolate`` (bilinear without antialiasing for images,
 floor-nearest for labels), which is what OpenCV's ``INTER_LINEAR`` / ``INTER_NEAREST`` compute;
 Pillow's bilinear would low-pass filter on downscaling and shift the statistics.
@@ -32,6 +34,8 @@ from vpd_ray.data.augment.color import (
     per_sample,
     rgb_to_hsv8,
 )
+from vpd_ray.data.augment.crop import crop_window, pad_to
+from vpd_ray.data.device_decode import DeferredImage, PendingImage, finish_images as finish_pending, place_or_defer
 
 IGNORE_INDEX = 255
 
@@ -133,6 +137,33 @@ def random_crop(
     return image[y : y + ch, x : x + cw], label[y : y + ch, x : x + cw]
 
 
+def draw_rescale_crop(
+    hw: tuple[int, int],
+    label: np.ndarray,
+    rng: np.random.Generator,
+    scale: Sequence[int],
+    ratio_range: Sequence[float],
+    crop_hw: tuple[int, int],
+    cat_max_ratio: float = 0.75,
+) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    """mmseg ``Resize`` with ``ratio_range`` (scale ``* U(ratio_range)``, then keep-ratio rescale), then
+    ``RandomCrop``, drawn for an image of size ``hw`` with its ``label``: ``((resized h, resized w, top,
+    left), the label's crop)``. The label is resized only inside each crop drawn (a nearest resize is a
+    gather, :func:`nearest_indices`), the same pixels as resizing it whole, which is most of the work for
+    an image upscaled to 1024x1366 and cropped to 512x512."""
+    ratio = rng.uniform(*ratio_range)
+    size = rescale_size(hw, (int(scale[0] * ratio), int(scale[1] * ratio)))
+    rows, cols = nearest_indices(label.shape[0], size[0]), nearest_indices(label.shape[1], size[1])
+    ch, cw = crop_hw
+
+    @functools.lru_cache(maxsize=1)  # the accepted crop was just checked: its labels are kept
+    def label_at(y: int, x: int) -> np.ndarray:
+        return label.take(rows[y : y + ch], axis=0).take(cols[x : x + cw], axis=1)
+
+    y, x = draw_crop(size, rng, crop_hw, label_at, cat_max_ratio)
+    return (*size, y, x), label_at(y, x)
+
+
 def rescale_and_crop(
     image: np.ndarray,
     label: np.ndarray,
@@ -142,21 +173,9 @@ def rescale_and_crop(
     crop_hw: tuple[int, int],
     cat_max_ratio: float = 0.75,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """mmseg ``Resize`` with ``ratio_range`` (scale ``* U(ratio_range)``, then keep-ratio rescale), then
-    ``RandomCrop``: the same draws and the same pixels as resizing both and cropping, but the label is
-    resized only inside each crop drawn (a nearest resize is a gather, :func:`nearest_indices`), which is
-    most of the work for an image upscaled to 1024x1366 and cropped to 512x512."""
-    ratio = rng.uniform(*ratio_range)
-    hw = rescale_size(image.shape[:2], (int(scale[0] * ratio), int(scale[1] * ratio)))
-    rows, cols = nearest_indices(label.shape[0], hw[0]), nearest_indices(label.shape[1], hw[1])
-    ch, cw = crop_hw
-
-    @functools.lru_cache(maxsize=1)  # the accepted crop was just checked: its labels are kept
-    def label_at(y: int, x: int) -> np.ndarray:
-        return label.take(rows[y : y + ch], axis=0).take(cols[x : x + cw], axis=1)
-
-    y, x = draw_crop(hw, rng, crop_hw, label_at, cat_max_ratio)
-    return resize_image(image, hw)[y : y + ch, x : x + cw], label_at(y, x)
+    """:func:`draw_rescale_crop` applied: the image's and the label's crops, as mmseg's two steps give them."""
+    (*size, y, x), label = draw_rescale_crop(image.shape[:2], label, rng, scale, ratio_range, crop_hw, cat_max_ratio)
+    return resize_image(image, tuple(size))[y : y + crop_hw[0], x : x + crop_hw[1]], label
 
 
 DISTORTION_FIELDS = ("brightness_on", "brightness", "contrast_first", "contrast_on", "contrast",
@@ -239,41 +258,66 @@ def fill_padding(images: torch.Tensor, image_hw: torch.Tensor, value: float = 0.
     return torch.where((rows & cols)[:, None], images, value)
 
 
-def to_padded(
-    image: np.ndarray, label: np.ndarray, size_hw: tuple[int, int], label_value: int = IGNORE_INDEX,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """uint8 image + label -> uint8 ``[3,H,W]``, uint8 ``[H,W]`` (``size_hw``), padded bottom/right, and the
-    crop's size int64 ``[2]`` (:func:`fill_padding`). Labels pad with 255; the image with 0 until the device.
-    """
-    h, w = label.shape
-    if h > size_hw[0] or w > size_hw[1]:
-        raise ValueError(f"cannot pad a {h}x{w} crop to {size_hw[0]}x{size_hw[1]}")
-    image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-    label_t = torch.from_numpy(np.ascontiguousarray(label))
-    if (h, w) == tuple(size_hw):  # a full crop: nothing to pad, no second copy
-        return image_t, label_t, torch.tensor([h, w])
-    out_image = torch.zeros((3, *size_hw), dtype=torch.uint8)
-    out_image[:, :h, :w] = image_t
-    out_label = torch.full(tuple(size_hw), label_value, dtype=torch.uint8)
-    out_label[:h, :w] = label_t
-    return out_image, out_label, torch.tensor([h, w])
+def crop_and_pad(resized: np.ndarray | torch.Tensor, geometry: tuple[int, ...],
+                 crop_hw: tuple[int, int]) -> torch.Tensor:
+    """The crop and flip of ``geometry`` (:func:`seg_train_augment`) of a resized uint8 ``[3, H, W]`` image,
+    padded with 0 to ``crop_hw`` (:func:`fill_padding` sets the padding on the device)."""
+    _, _, y, x, flip = geometry
+    return pad_to(crop_window(resized, y, x, crop_hw, bool(flip)), crop_hw, 0)
+
+
+def resize_tensor(image: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a uint8 ``[3, H, W]`` image where it lies. On the CPU: torch's uint8 kernel, the
+    loader's (:func:`resize_image`), the same values; elsewhere :func:`resize_rounded`."""
+    if tuple(image.shape[-2:]) == tuple(hw):
+        return image
+    if image.device.type == "cpu":
+        return F.interpolate(image[None], size=hw, mode="bilinear", align_corners=False)[0]
+    return resize_rounded(image, hw)
+
+
+def resize_rounded(image: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """CUDA has no uint8 bilinear kernel: float32, rounded, within one 8-bit level of the uint8 kernel's
+    result (both are within one level of the exact one)."""
+    resized = F.interpolate(image[None].float(), size=hw, mode="bilinear", align_corners=False)[0]
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def place_decoded(image: torch.Tensor, geometry: tuple[int, ...], crop_hw: tuple[int, int]) -> torch.Tensor:
+    """The loader's resize, crop, flip and pad of :func:`seg_train_augment` on a decoded uint8 ``[3, H, W]``
+    image, where it lies (``data.jpeg_decode: device``)."""
+    return crop_and_pad(resize_tensor(image, tuple(geometry[:2])), geometry, crop_hw)
+
+
+def finish_images(images: torch.Tensor | list[PendingImage], device: torch.device,
+                  crop_hw: tuple[int, int]) -> torch.Tensor:
+    """A train batch's uint8 images ``[B,3,*crop_hw]`` on ``device``, those left encoded decoded there
+    and placed (:func:`place_decoded`)."""
+    return finish_pending(images, device, lambda _, image, geometry: place_decoded(image, geometry, crop_hw))
 
 
 def seg_train_augment(
-    image: np.ndarray,
+    image: np.ndarray | DeferredImage,
     label: np.ndarray,
     rng: np.random.Generator,
     scale: Sequence[int] = (2048, 512),
     ratio_range: Sequence[float] = (0.5, 2.0),
     crop_hw: tuple[int, int] = (512, 512),
     cat_max_ratio: float = 0.75,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor | PendingImage]:
     """The training pipeline's CPU part on an already label-shifted sample: ``image`` uint8 ``[3,h,w]``,
     ``label`` uint8 ``[h,w]``, ``image_hw`` int64 ``[2]`` and ``photometric`` float64 ``[9]``; the distortion
-    and the image padding happen on the device (``SegTask.augment_on_device``)."""
-    image, label = rescale_and_crop(image, label, rng, scale, ratio_range, crop_hw, cat_max_ratio)
-    if rng.random() < 0.5:
-        image, label = image[:, ::-1], label[:, ::-1]
+    and the image padding happen on the device (``SegTask.augment_on_device``). An image the loader left
+    encoded comes back pending, with its geometry (resized h, w, top, left, flip;
+    :mod:`vpd_ray.data.device_decode`)."""
+    (*size, y, x), label = draw_rescale_crop(image.shape[:2], label, rng, scale, ratio_range, crop_hw, cat_max_ratio)
+    flip = rng.random() < 0.5
     params = torch.from_numpy(draw_distortion(rng))
-    image_t, label_t, image_hw = to_padded(image, label, crop_hw)
-    return {"image": image_t, "label": label_t, "image_hw": image_hw, "photometric": params}
+    geometry = (*size, y, x, int(flip))
+
+    def place(pixels: np.ndarray) -> torch.Tensor:  # the loader's resize (resize_image), the shared crop and pad
+        return crop_and_pad(resize_image(pixels, tuple(size)).transpose(2, 0, 1), geometry, crop_hw)
+
+    return {"image": place_or_defer(image, geometry, place),
+            "label": pad_to(crop_window(label, 0, 0, label.shape, flip), crop_hw, IGNORE_INDEX),
+            "image_hw": torch.tensor(label.shape), "photometric": params}
