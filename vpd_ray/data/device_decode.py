@@ -2,7 +2,8 @@
 there: on a GPU in one batched ``torchvision.io.decode_jpeg`` call (nvJPEG; needs torchvision built for
 the installed torch), on a CPU run by the loader's own decoder (simplejpeg) in the training process.
 
-Decoding is most of what a loader core still does per sample (docs/benchmarks.md, Data); here the loader
+The JPEG decode is about half of what a loader core does per sample (a core with it left for the device
+gives 2.1-2.3x the samples/s: docs/benchmarks.md, Data); here the loader
 reads the JPEG's header only (its size, :class:`DeferredImage`), so the task's transform draws every random
 choice as it always does, from the sample's rng and in the reference's order, and the geometry it would
 have applied goes with the bytes (:class:`PendingImage`). After the host-to-device copy the task's
