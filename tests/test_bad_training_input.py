@@ -143,8 +143,9 @@ def test_finished_run_is_not_silently_resumed_and_nothing_changes(ray_head, tmp_
     code, out, _ = _train_in_process(tmp_path, ["train.log_every=2"], capsys)
     assert code == 0 and "finished at step 6" in out and "Nothing to do" in out
     assert _digests(tmp_path / "runs" / "bad") == before
-    code, _, err = _train_in_process(tmp_path, ["run.resume=never"], capsys)
+    code, out, err = _train_in_process(tmp_path, ["run.resume=never"], capsys)
     assert code == 2 and "run.resume=never" in err.strip().splitlines()[-1]
-    code, _, err = _train_in_process(tmp_path, ["run.name=fresh", "run.resume=must"], capsys)
-    assert code == 2 and "has no checkpoint to resume" in err.strip().splitlines()[-1]
+    assert "[vpd] plan:" not in out  # refused before the plan builds the model
+    code, out, err = _train_in_process(tmp_path, ["run.name=fresh", "run.resume=must"], capsys)
+    assert code == 2 and "has no checkpoint to resume" in err.strip().splitlines()[-1] and "[vpd] plan:" not in out
     assert _digests(tmp_path / "runs" / "bad") == before

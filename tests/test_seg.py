@@ -12,7 +12,7 @@ from vpd_ray.data.augment.seg import (
     photometric_distortion,
     random_crop,
     reduce_zero_label,
-    rescale_and_crop,
+    draw_rescale_crop,
     rescale_size,
     resize_image,
     seg_train_augment,
@@ -136,14 +136,15 @@ def _resize_all_then_crop(image, label, rng, scale, ratio_range, crop_hw):
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_rescale_and_crop_equals_resizing_everything_then_cropping(seed):
+def test_rescale_and_crop_draws_equal_resizing_everything_then_cropping(seed):
     """The label resized inside the crop only and the image through the 4-channel kernel: the same draws
     and the same pixels, exactly, as the plain pipeline (down- and upscaling, crops larger than the image)."""
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (37 + seed, 53, 3), dtype=np.uint8)
     label = np.kron(rng.integers(0, 4, (8, 11)), np.ones((6, 6), np.int64))[: image.shape[0], :53].astype(np.uint8)
     args = ((96, 24), (0.5, 2.0), (32, 32))
-    got = rescale_and_crop(image, label, np.random.default_rng(seed + 100), *args)
+    (*size, y, x), label_crop = draw_rescale_crop(image.shape[:2], label, np.random.default_rng(seed + 100), *args)
+    got = resize_image(image, tuple(size))[y : y + 32, x : x + 32], label_crop
     want = _resize_all_then_crop(image, label, np.random.default_rng(seed + 100), *args)
     assert got[0].shape == want[0].shape and np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
 

@@ -20,7 +20,7 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     from vpd_ray import launch
     from vpd_ray.config import EXIT_CONFIG_ERROR, deferred_checks, load_or_exit
-    from vpd_ray.engine.train_job import TrainingFailed, fit
+    from vpd_ray.engine.train_job import TrainingFailed, check_resume, fit
     from vpd_ray.errors import InputError
     from vpd_ray.plan import describe
 
@@ -31,11 +31,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)
     remote = launch.remote_prefixes(args)
     cfg = load_or_exit(args.config, args.overrides, remote=remote)
-    launch.show(describe(cfg))
-    deferred = deferred_checks(cfg, remote=remote)
-    if args.dry_run:
-        launch.finish_dry_run(deferred)
     try:
+        if not args.dry_run:
+            check_resume(cfg)  # a refused run.resume is one line at once, before the plan builds the model
+        launch.show(describe(cfg))
+        deferred = deferred_checks(cfg, remote=remote)
+        if args.dry_run:
+            launch.finish_dry_run(deferred)
         fit(cfg, deferred)
     except InputError as err:  # stopped at once, not retried: the same input fails the same way
         print(f"error: {err}", file=sys.stderr)

@@ -14,8 +14,12 @@ forward one (non-reentrant checkpointing checks that), while only the forward re
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+if TYPE_CHECKING:  # diffusers loads in seconds: not on import, so that a config check stays quick
+    from diffusers.models.attention_processor import Attention
 
 
 _MAX_TOKENS_ATTR = "_vpd_attn_map_max_tokens"
@@ -67,6 +71,8 @@ class CrossAttentionCapture:
 
     def __init__(self, store: AttentionMapStore):
         self.store = store
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
         self.fused = AttnProcessor2_0()
 
     def __call__(

@@ -164,20 +164,6 @@ def draw_rescale_crop(
     return (*size, y, x), label_at(y, x)
 
 
-def rescale_and_crop(
-    image: np.ndarray,
-    label: np.ndarray,
-    rng: np.random.Generator,
-    scale: Sequence[int],
-    ratio_range: Sequence[float],
-    crop_hw: tuple[int, int],
-    cat_max_ratio: float = 0.75,
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`draw_rescale_crop` applied: the image's and the label's crops, as mmseg's two steps give them."""
-    (*size, y, x), label = draw_rescale_crop(image.shape[:2], label, rng, scale, ratio_range, crop_hw, cat_max_ratio)
-    return resize_image(image, tuple(size))[y : y + crop_hw[0], x : x + crop_hw[1]], label
-
-
 DISTORTION_FIELDS = ("brightness_on", "brightness", "contrast_first", "contrast_on", "contrast",
                      "saturation_on", "saturation", "hue_on", "hue_shift")
 
