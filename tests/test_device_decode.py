@@ -124,7 +124,7 @@ def test_gpu_decode_hands_torchvision_the_bytes_in_one_call(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
     monkeypatch.setitem(sys.modules, "torchvision.io", io)
     jpegs = [DeferredImage(48, 64, f"key {i}", jpeg=render_depth(0, i, (48, 64))["jpg"]) for i in range(3)]
-    images = device_decode._torchvision_decode(jpegs, torch.device("cuda"))
+    images = device_decode.decode_jpegs(jpegs, torch.device("cuda"))  # a CUDA device takes torchvision's path
     [(data, mode, device)] = calls
     assert mode == "RGB" and device == torch.device("cuda") and len(data) == 3
     assert all(d.dtype == torch.uint8 and d.ndim == 1 and bytes(d.numpy()) == j.jpeg for d, j in zip(data, jpegs))

@@ -2,8 +2,9 @@
 there: on a GPU in one batched ``torchvision.io.decode_jpeg`` call (nvJPEG; needs torchvision built for
 the installed torch), on a CPU run by the loader's own decoder (simplejpeg) in the training process.
 
-The JPEG decode is about half of what a loader core does per sample (a core with it left for the device
-gives 2.1-2.3x the samples/s: docs/benchmarks.md, Data); here the loader
+The JPEG decode is about half of what a loader core does per NYU sample and two thirds per ADE20K
+sample (a core with it left for the device gives 2.1-2.2x / 3.0-3.2x the samples/s: docs/benchmarks.md,
+Data); here the loader
 reads the JPEG's header only (its size, :class:`DeferredImage`), so the task's transform draws every random
 choice as it always does, from the sample's rng and in the reference's order, and the geometry it would
 have applied goes with the bytes (:class:`PendingImage`). After the host-to-device copy the task's
@@ -68,7 +69,7 @@ def place_or_defer(image: np.ndarray | DeferredImage, geometry: tuple[int, ...],
         return place(image)
     if image.jpeg is None:
         return PendingImage(ready=place(image.pixels))
-    return PendingImage(image, tuple(int(v) for v in geometry))
+    return PendingImage(image, geometry)
 
 
 def _torchvision_decode(jpegs: Sequence[DeferredImage], device: torch.device) -> list[torch.Tensor]:
