@@ -104,17 +104,20 @@ def test_sample_sweep_config_loads():
     assert set(space.build_param_space(sweep.search_space)) == {"train.lr", "tasks.depth.crop_size"}
 
 
-# Learning rates in grid order: the first trial (1e-3) sets the bar at the one rung (2 of 3 reports);
-# the 1e-8 trial learns nothing and falls below it: deterministic, unlike a random draw of close values.
-# Two trials are all the check needs (one stopped, one completed and picked).
+# Learning rates in grid order: the first trial (1e-2) sets the bar at the one rung (2 of 3 reports);
+# the 1e-8 trial learns nothing and cannot pass it. 1e-2 is far enough above bf16's resolution that
+# the first trial's rung RMSE is well below the untrained one (1.71 against 1.875 on this VM); at 1e-3
+# the bf16 weights barely move by the rung and the two tie on some CPUs (a CI run let both finish).
+# The crop is fixed at the full frame: with 128x64 crops, 4 steps of BatchNorm statistics alone can
+# send the eval-mode output to zero at any learning rate. Two trials are all the check needs.
 SWEEP_UNDER_TEST = """
 train_config: {config}
 overrides: [scaling.num_workers=1, train.global_batch_size=null, train.max_steps=6, train.val_every=2,
             train.log_every=2, train.max_val_batches=1, train.checkpoint.keep=1, data.num_workers=0,
             train.schedule.kind=constant, run.max_failures=0]
 search_space:
-  train.lr: {{grid_search: [1.0e-3, 1.0e-8]}}
-  tasks.depth.crop_size: {{choice: [[128, 128], [128, 64]]}}
+  train.lr: {{grid_search: [1.0e-2, 1.0e-8]}}
+  tasks.depth.crop_size: {{choice: [[128, 128]]}}
 num_samples: 1
 asha: {{grace_period: 2, reduction_factor: 2}}
 name: sweep-test
@@ -138,7 +141,7 @@ def test_sample_sweep_stops_trials_early_picks_the_best_and_resumes(ray_head, tm
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
     states = {float(r["train.lr"]): r["state"] for r in rows}
-    assert states[1e-8] == results.STOPPED and states[1e-3] == results.COMPLETED, rows
+    assert states[1e-8] == results.STOPPED and states[1e-2] == results.COMPLETED, rows
     rmse = {r["trial_id"]: float(r["depth/rmse"]) for r in rows}
     best_id = min(rmse, key=rmse.get)
     best_yaml = (out / "best.yaml").read_text()
