@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from vpd_ray import report
+from vpd_ray.atomic import TMP_MARK
 from vpd_ray.report import Sample, TaskScores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,7 +153,7 @@ def test_report_shows_row_groups_classes_histogram_and_worst_pictures(tmp_path):
     table = json.loads((tmp_path / "scores.json").read_text())
     assert [s["key"] for s in table["depth"]["samples"]] == ["k1", "b1", "k2"]
     assert report.from_json(table, str(tmp_path))["depth"] == depth
-    assert not [p for p in tmp_path.rglob(".*")]  # no temporary file left
+    assert not [p for p in tmp_path.rglob(f"*{TMP_MARK}*")]  # no temporary file left
 
 
 def test_histogram_axes_carry_the_scores_unit(monkeypatch):

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vpd_ray.atomic import atomic_path
 from vpd_ray.errors import DataError
 from vpd_ray.modeling import build_model
 
@@ -73,7 +74,7 @@ def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: dict[str,
     The format: 8-byte little-endian header length, a compact JSON header (``__metadata__`` first,
     then the tensors by name with dtype, shape and ``data_offsets``), space-padded to 8 bytes, then
     the raw data in header order. ``save_file`` sorts by dtype then name; all here are F32. The file
-    is written as ``<path>.tmp-<pid>`` and renamed into place (removed on any error).
+    is written through :func:`vpd_ray.atomic.atomic_path`.
     """
     names = sorted(tensors)
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
@@ -85,21 +86,14 @@ def write_safetensors(path: str, tensors: Mapping[str, Any], metadata: dict[str,
         offset += size
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
-            for name in names:
-                tensor = tensors[name].contiguous().detach().float()  # this one tensor in memory
-                if list(tensor.shape) != header[name]["shape"]:  # a lazy tensor that lied would shift every offset
-                    raise ValueError(f"{name}: values of shape {tuple(tensor.shape)}, "
-                                     f"announced {tuple(header[name]['shape'])}")
-                f.write(tensor.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, no copy
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name in names:
+            tensor = tensors[name].contiguous().detach().float()  # this one tensor in memory
+            if list(tensor.shape) != header[name]["shape"]:  # a lazy tensor that lied would shift every offset
+                raise ValueError(f"{name}: values of shape {tuple(tensor.shape)}, "
+                                 f"announced {tuple(header[name]['shape'])}")
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, no copy
 
 
 def check_fits(own: Mapping[str, Any], state_dict: Mapping[str, Any], source: str) -> None:

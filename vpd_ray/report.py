@@ -23,11 +23,11 @@ import json
 import math
 import os
 import re
-import secrets
 from typing import Any
 
 import numpy as np
 
+from vpd_ray.atomic import atomic_write
 from vpd_ray.contracts import Batch
 from vpd_ray.tasks.base import Task
 
@@ -174,21 +174,6 @@ def from_checkpoint(checkpoint: Any) -> dict[str, TaskScores]:
     """The scores that :func:`checkpoint_files` put into a ``ray.train.Checkpoint``."""
     with checkpoint.as_directory() as directory, open(os.path.join(directory, FOLDER, SCORES)) as f:
         return from_json(json.load(f), os.path.join(directory, FOLDER))
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """``data`` into ``path`` through a temporary file beside it, as ``inference.writers.atomic_save``
-    writes images: a crash leaves the whole file or none, with a plain ``open()``'s permissions."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(8)}")
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # --- the report ---------------------------------------------------------------------------------

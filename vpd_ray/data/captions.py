@@ -36,6 +36,7 @@ import sys
 import tarfile
 from typing import Any, TextIO
 
+from vpd_ray.atomic import TMP_MARK, atomic_path
 from vpd_ray.data.decode import check_fields, decode_sample, wanted_extensions
 from vpd_ray.data.tario import (
     MANIFEST_SUFFIX,
@@ -131,9 +132,8 @@ def caption_shard(src: str, dst: str, captioner: Captioner, batch_size: int = 16
     from vpd_ray.data.tario import iter_raw_samples
 
     wanted = wanted_extensions(captioner.fields)
-    tmp = f"{dst}.tmp-{os.getpid()}"
     count, uncaptioned = 0, []
-    try:
+    with atomic_path(dst) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
             batch: list[tuple[str, dict[str, bytes], dict[str, Any] | None]] = []
 
@@ -160,11 +160,6 @@ def caption_shard(src: str, dst: str, captioner: Captioner, batch_size: int = 16
                 if len(batch) >= batch_size:
                     flush()
             flush()
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return {**shard_record(dst, count, []), "uncaptioned": uncaptioned}
 
 
@@ -230,7 +225,7 @@ def plan_captions(shards: str, out: str, info: dict[str, Any]) -> CaptionPlan:
                          "give another folder")
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(out):  # temp files of a killed run: never complete, so never kept
-        if ".tar.tmp-" in name:
+        if f".tar{TMP_MARK}" in name:
             os.remove(os.path.join(out, name))
     sources = {job.prefix: read_manifest(job.src) for job in jobs}
     done = {}

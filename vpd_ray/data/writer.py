@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from vpd_ray.atomic import TMP_MARK, atomic_path, atomic_write
 from vpd_ray.data.tario import MANIFEST_SUFFIX, iter_raw_samples
 from vpd_ray.data.zmap import encode_zmap
 from vpd_ray.errors import DataError
@@ -170,10 +171,9 @@ def _sha256(path: str) -> str:
 
 
 def write_shard(path: str, items: list[SourceItem]) -> dict[str, Any]:
-    """Write one shard to a temp name, rename it into place, return its manifest record."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Write one shard whole or not at all (:func:`vpd_ray.atomic.atomic_path`), return its manifest record."""
     missing, count = [], 0
-    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
         for item in items:
             try:
                 fields = item.load()
@@ -183,7 +183,6 @@ def write_shard(path: str, items: list[SourceItem]) -> dict[str, Any]:
             for ext in sorted(fields):
                 add_member(tar, f"{item.key}.{ext}", fields[ext])
             count += 1
-    os.replace(tmp, path)
     return shard_record(path, count, missing)
 
 
@@ -295,7 +294,7 @@ def _run_jobs(todo: list[tuple[str, list[SourceItem]]], workers: int):
 def _remove_stale_temps(out_dir: str, prefix: str) -> None:
     """Temp files of a killed run: never complete, so never kept."""
     for name in os.listdir(out_dir):
-        if name.startswith(prefix + "-") and ".tar.tmp-" in name:
+        if name.startswith(prefix + "-") and f".tar{TMP_MARK}" in name:
             os.remove(os.path.join(out_dir, name))
 
 
@@ -311,8 +310,4 @@ def manifest_of(records: list[dict], prefix: str, info: dict | None, options: di
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps(obj, indent=1) + "\n").encode())

@@ -8,12 +8,12 @@ referring masks as palette PNGs whose pixel values are the class indices (a view
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from vpd_ray.atomic import atomic_path
 
 # uint16 millimetres: 0 stays "no depth", the top value caps at 65.535 m.
 _MM_PER_M = 1000.0
@@ -21,22 +21,10 @@ _UINT16_MAX = np.iinfo(np.uint16).max
 
 
 def atomic_save(image: Image.Image, path: Path) -> None:
-    """Save ``image`` to ``path`` through a temporary file in the same folder.
-
-    A crashed job then leaves either the whole output or none, so "skip outputs that exist"
-    never keeps a truncated file. The temporary file is created with mode ``0o666 & ~umask``, what
-    a plain ``open()`` gives (``tempfile.mkstemp``'s 0600 would lock others out of shared storage);
-    its random name and ``O_EXCL`` keep concurrent writers apart.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.{secrets.token_hex(8)}{path.suffix}"
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    try:
-        image.save(tmp, format="PNG" if path.suffix.lower() == ".png" else None)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Save ``image`` to ``path`` whole or not at all (:func:`vpd_ray.atomic.atomic_path`), in the
+    format its suffix names (the temporary name's suffix names none)."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
 
 
 def depth_to_mm(depth_m: np.ndarray) -> np.ndarray:
