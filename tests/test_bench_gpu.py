@@ -41,6 +41,21 @@ def test_the_gpu_run_refuses_a_machine_without_cuda(capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
+def test_a_phase_whose_module_is_missing_is_a_row_saying_so(monkeypatch):
+    """On a GPU without torchvision the nvJPEG row says why it did not run (its config would be refused)."""
+    import importlib.util
+
+    phase = next(p for p in gpu.PHASES if p.name == "jpeg-on-device")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else real(name, *a))
+    why = gpu.not_run(phase, smoke=False)
+    assert why == "not run: torchvision is not installed (install the build for this torch)"
+    assert gpu.not_run(phase, smoke=True) == ""  # the CPU smoke decodes with simplejpeg: no torchvision
+    text = gpu.render([phase], {}, {"meta": {}, phase.name: [{"status": why}]}, {"unet": 1, "vae_encoder": 1},
+                      {}, gpu.GPU, smoke=False, seconds=1.0, failure="")
+    assert f"| jpeg-on-device | configs/nyu.yaml with data.jpeg_decode=device | {why} |" in text
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread, as in a 1-CPU Ray worker: two threads on two shared cores thrash (10x slower)."""
@@ -79,6 +94,27 @@ def test_flop_count_of_a_tiny_step_is_plausible(tiny_sd, one_thread):
     assert 1e7 < step < 1e10  # 64x64 crops through a 2.2 M-parameter UNet: ~0.4 GFLOP
 
 
+def test_the_jpeg_on_device_phase_steps_on_encoded_jpegs(tiny_sd, one_thread):
+    """Its batch carries the JPEGs as the loader leaves them; the step decodes them and does the
+    loader path's arithmetic (the decode and crop count no FLOPs)."""
+    from vpd_ray.benchmarks.gpu_worker import batch_of, counted_step, synthetic_samples
+    from vpd_ray.data.device_decode import PendingImage
+    from vpd_ray.engine.step import Stepper, TorchEngine
+    from vpd_ray.modeling import build_model
+
+    phase = next(p for p in gpu.PHASES if p.name == "jpeg-on-device")
+    cfg = gpu.phase_config(phase, str(tiny_sd / "sd"), str(tiny_sd / "runs"), smoke=True)
+    assert cfg.data.jpeg_decode == "device"
+    model = build_model(cfg).train()
+    name, task = next(iter(model.tasks.items()))
+    stepper = Stepper(TorchEngine(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], 0.0)),
+                      model.tasks, model.backbone.encode)
+    deferred = batch_of(synthetic_samples(task, 2, defer_jpeg=True), 2)
+    assert isinstance(deferred["image"], list) and all(isinstance(i, PendingImage) for i in deferred["image"])
+    decoded = batch_of(synthetic_samples(task, 2), 2)
+    assert counted_step(stepper, name, deferred) == counted_step(stepper, name, decoded) > 0
+
+
 def _rows(markdown: str) -> list[list[str]]:
     """The body rows of every markdown table, as cells."""
     return [line.strip("| ").split(" | ") for line in markdown.splitlines()
@@ -108,7 +144,7 @@ def test_cpu_smoke_runs_every_phase_and_writes_the_tables(ray_cluster, tmp_path,
         elif gpu.TABLES[phase.kind] == "train":
             micro, steps, seconds, rate, tflop = row[2:7]
             assert int(micro) >= 1 and int(steps) == gpu.CPU_SMOKE.steps, row
-            assert all(_finite(c) for c in (seconds, rate, tflop, *row[11:14])), row
+            assert all(_finite(c) for c in (seconds, rate, tflop, *row[11:15])), row  # ms columns, augment too
             assert row[7] == "n/a" and row[8] == "n/a (CPU)", row  # MFU and memory: no GPU
         elif gpu.TABLES[phase.kind] == "infer":  # one row in fp32, one under bf16 autocast
             assert _finite(row[5]) and row[6] == "n/a (CPU)", row

@@ -48,6 +48,7 @@ class Phase:
     kind: str = "train"  # train | search | infer | vae: gpu_worker.PHASES
     overrides: tuple[str, ...] = ()  # on top of the shipped config: the speed option it flips
     on_cpu: str = ""  # why --cpu-smoke prints this instead of running it ("": it runs)
+    needs: str = ""  # a module a GPU run of it imports (not installed: the row says so instead)
     # seconds the budget expects it to take at least (else: as long as the longest phase so far)
     expected_s: float = 0.0
 
@@ -65,6 +66,7 @@ PHASES = (
     Phase("vae-bf16", "depth", overrides=("model.vae_dtype=bf16",)),
     Phase("channels-last", "depth", overrides=("train.channels_last=true",)),
     Phase("overlap-comm", "depth", overrides=("deepspeed.overlap_comm=true",)),
+    Phase("jpeg-on-device", "depth", overrides=("data.jpeg_decode=device",), needs="torchvision"),  # nvJPEG
     Phase("tf32-off", "depth", overrides=("train.tf32=false",), on_cpu="n/a on CPU (a CUDA switch)"),
     Phase("cudnn-benchmark-off", "depth", overrides=("train.cudnn_benchmark=false",),
           on_cpu="n/a on CPU (a cuDNN switch)"),
@@ -87,6 +89,17 @@ class Scale:
 
 GPU = Scale(steps=5, warmup=2, instrumented=2, max_batch=64)
 CPU_SMOKE = Scale(steps=2, warmup=1, instrumented=1, max_batch=4)
+
+
+def not_run(phase: Phase, smoke: bool) -> str:
+    """Why this run prints ``phase`` without running it ("": it runs)."""
+    import importlib.util
+
+    if smoke:
+        return phase.on_cpu
+    if phase.needs and importlib.util.find_spec(phase.needs) is None:
+        return f"not run: {phase.needs} is not installed (install the build for this torch)"
+    return ""
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -147,12 +160,14 @@ def run(smoke: bool, phases: list[Phase], budget_s: float, peak_tflops: float | 
     with tempfile.TemporaryDirectory(prefix="vpd_bench_gpu_") as tmp:
         arch = architecture(smoke)
         counts = write_random_sd(os.path.join(tmp, "sd"), arch)
-        configs = {p.name: phase_config(p, os.path.join(tmp, "sd"), os.path.join(tmp, "runs"), smoke) for p in phases}
+        skipped = {p.name: not_run(p, smoke) for p in phases if not_run(p, smoke)}
+        configs = {p.name: phase_config(p, os.path.join(tmp, "sd"), os.path.join(tmp, "runs"), smoke)
+                   for p in phases if not p.needs or p.name not in skipped}  # else validation refuses it
         if not ray.is_initialized():
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-        runnable = [p for p in phases if not (smoke and p.on_cpu)]
+        runnable = [p for p in phases if p.name not in skipped]
         rows, failure = in_worker(runnable, configs, scale, began + budget_s, peak_tflops, tmp, smoke)
-    rows.update({p.name: [{"status": p.on_cpu}] for p in phases if p not in runnable})
+    rows.update({name: [{"status": why}] for name, why in skipped.items()})
     tracebacks = [row["traceback"] for p in phases for row in rows.get(p.name, []) if "traceback" in row]
     return render(phases, configs, rows, counts, arch, scale, smoke, time.time() - began, failure), tracebacks
 
@@ -205,7 +220,7 @@ def _read_rows(path: str) -> dict[str, Any]:
 
 TRAIN_COLUMNS = ("phase", "what was run", "micro-batch", "timed steps", "s/step", "samples/s", "TFLOP/step", "MFU",
                  "peak alloc GiB", "peak reserved GiB", "data wait", "VAE encode ms", "UNet+head fwd+bwd ms",
-                 "optimizer step ms", "notes")
+                 "optimizer step ms", "device augment ms", "notes")
 INFER_COLUMNS = ("phase", "what was run", "input", "dtype", "frames timed", "frames/s", "peak alloc GiB",
                  "peak reserved GiB")
 VAE_COLUMNS = ("phase", "what was run", "latents, bf16 vs fp32 (relative L2)")
@@ -237,7 +252,7 @@ def describe(cfg: Any, kind: str, text_dim: int) -> str:
     return (f"{config}: {_training_input(name, task, text_dim)}; ZeRO-{ds.zero_stage} {'bf16' if ds.bf16 else 'fp32'}; "
             f"VAE {cfg.model.vae_dtype}, TF32 {_on(t.tf32)}, cuDNN benchmark {_on(t.cudnn_benchmark)}, "
             f"{'NHWC' if t.channels_last else 'NCHW'}, {'compiled' if t.compile else 'eager'}, "
-            f"overlap_comm {_on(ds.overlap_comm)}")
+            f"overlap_comm {_on(ds.overlap_comm)}, JPEG decode on the {cfg.data.jpeg_decode}")
 
 
 def _training_input(name: str, task: Any, text_dim: int) -> str:
@@ -266,7 +281,7 @@ def _train_cells(row: dict[str, Any], cpu: bool) -> list[str]:
             "n/a" if row["mfu"] is None else f"{row['mfu']:.1%}",
             memory or _num(row["alloc"], ".1f"), memory or _num(row["reserved"], ".1f"),
             "not measured (in-memory batches)", _num(pieces["vae"]), _num(pieces["forward"] + pieces["backward"]),
-            _num(pieces["optimizer"]), row["notes"]]
+            _num(pieces["optimizer"]), _num(pieces["augment"]), row["notes"]]
 
 
 def _infer_cells(row: dict[str, Any], cpu: bool) -> list[str]:
@@ -318,7 +333,8 @@ def render(phases: list[Phase], configs: dict[str, Any], rows: dict[str, Any], c
     for kind, (columns, cells) in CELLS.items():
         body = []
         for phase in (p for p in phases if TABLES[p.kind] == kind):
-            what = describe(configs[phase.name], phase.kind, arch["unet"]["cross_attention_dim"])
+            what = (describe(configs[phase.name], phase.kind, arch["unet"]["cross_attention_dim"])
+                    if phase.name in configs else f"configs/{CONFIGS[phase.task]} with {', '.join(phase.overrides)}")
             for row in rows.get(phase.name, [{"status": "not run (the worker stopped before it)"}]):
                 got = [row["status"]] + ["-"] * (len(columns) - 3) if "status" in row else cells(row, device == "CPU")
                 body.append([phase.name, what, *got])

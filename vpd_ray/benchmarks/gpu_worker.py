@@ -120,10 +120,13 @@ class TimedEngine:
 
 
 def piece_ms(stepper: Any, name: str, batch: dict[str, Any], steps: int, device: torch.device) -> dict[str, float]:
-    """Milliseconds per step of the VAE encode, forward, backward and optimizer step: a shallow copy
-    of ``stepper`` whose engine and encoder are the same objects, timed."""
+    """Milliseconds per step of the on-device augmentation (with the JPEG decode under
+    ``data.jpeg_decode: device``), VAE encode, forward, backward and optimizer step: a shallow copy of
+    ``stepper`` whose task, engine and encoder are the same objects, timed."""
     pieces = Pieces(device)
-    probe = copy.copy(stepper)
+    probe, task = copy.copy(stepper), copy.copy(stepper.tasks[name])
+    task.augment_on_device = pieces.timed("augment", stepper.tasks[name].augment_on_device)
+    probe.tasks = {**stepper.tasks, name: task}
     probe.engine, probe.encode = TimedEngine(stepper.engine, pieces), pieces.timed("vae", stepper.encode)
     for _ in range(steps):
         float(probe.step(0, {name: itertools.repeat(batch)}))
@@ -163,9 +166,11 @@ def render_hw(task: Any) -> tuple[int, int]:
     return h, w * 4 // 3
 
 
-def synthetic_samples(task: Any, count: int, train: bool = True, seed: int = 0) -> list[dict[str, Any]]:
+def synthetic_samples(task: Any, count: int, train: bool = True, seed: int = 0,
+                      defer_jpeg: bool = False) -> list[dict[str, Any]]:
     """``count`` samples of the task's synthetic renderer, decoded and put through the task's train
-    (or eval) transform as the stream does."""
+    (or eval) transform as the stream does; ``defer_jpeg``: their JPEGs left for the step to decode
+    (``data.jpeg_decode: device``)."""
     import numpy as np
 
     from vpd_ray.data.decode import decode_sample, wanted_extensions
@@ -174,16 +179,17 @@ def synthetic_samples(task: Any, count: int, train: bool = True, seed: int = 0) 
     wanted, rng = wanted_extensions(task.fields), np.random.default_rng(seed)
     samples = []
     for i in range(count):
-        sample = decode_sample(RENDERERS[task.name](seed, i, render_hw(task)), f"synth_{i}", "synthetic", wanted)
+        raw = RENDERERS[task.name](seed, i, render_hw(task))
+        sample = decode_sample(raw, f"synth_{i}", "synthetic", wanted, defer_jpeg=defer_jpeg)
         samples.append(task.train_transform(sample, rng) if train else task.eval_transform(sample))
     return samples
 
 
 def batch_of(samples: list[dict[str, Any]], size: int) -> dict[str, Any]:
-    """A collated batch of ``size``, the samples repeated as needed."""
-    from torch.utils.data import default_collate
+    """A collated batch of ``size``, the samples repeated as needed (the stream's collate)."""
+    from vpd_ray.data.pipeline import collate
 
-    return default_collate([samples[i % len(samples)] for i in range(size)])
+    return collate([samples[i % len(samples)] for i in range(size)])
 
 
 # --- phases -----------------------------------------------------------------------------------
@@ -212,7 +218,8 @@ def measure_training(trainer: Any, batch: dict[str, Any], micro: int, run: Run) 
     from vpd_ray.benchmarks.train import seconds_per_step
 
     name, stepper = next(iter(trainer.tasks)), trainer.stepper
-    key = (name, micro, tuple(batch["image"].shape[-2:]))
+    image = batch["image"]  # a tensor, or the JPEGs the step decodes (data.jpeg_decode: device)
+    key = (name, micro, tuple(image.shape[-2:]) if torch.is_tensor(image) else "jpeg")
     warmup = run.warmup
     if not trainer.cfg.train.compile:  # counted on the eager step; a compiled one does the same arithmetic
         run.flops[key] = counted_step(stepper, name, batch)
@@ -247,7 +254,8 @@ def train_phase(cfg: Any, run: Run) -> list[dict[str, Any]]:
     with product_trainer(cfg, run) as trainer:
         task = next(iter(trainer.tasks.values()))
         micro = trainer.plan.micro[task.name]
-        row = measure_training(trainer, batch_of(synthetic_samples(task, micro), micro), micro, run)
+        samples = synthetic_samples(task, micro, defer_jpeg=cfg.data.jpeg_decode == "device")
+        row = measure_training(trainer, batch_of(samples, micro), micro, run)
     return [{**row, "notes": _notes(row["notes"], held)}]
 
 
