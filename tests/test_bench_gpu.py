@@ -97,7 +97,7 @@ def test_flop_count_of_a_tiny_step_is_plausible(tiny_sd, one_thread):
 def test_the_jpeg_on_device_phase_steps_on_encoded_jpegs(tiny_sd, one_thread):
     """Its batch carries the JPEGs as the loader leaves them; the step decodes them and does the
     loader path's arithmetic (the decode and crop count no FLOPs)."""
-    from vpd_ray.benchmarks.gpu_worker import batch_of, counted_step, synthetic_samples
+    from vpd_ray.benchmarks.gpu_worker import batch_of, counted_step, decode_gap, synthetic_samples
     from vpd_ray.data.device_decode import PendingImage
     from vpd_ray.engine.step import Stepper, TorchEngine
     from vpd_ray.modeling import build_model
@@ -113,6 +113,8 @@ def test_the_jpeg_on_device_phase_steps_on_encoded_jpegs(tiny_sd, one_thread):
     assert isinstance(deferred["image"], list) and all(isinstance(i, PendingImage) for i in deferred["image"])
     decoded = batch_of(synthetic_samples(task, 2), 2)
     assert counted_step(stepper, name, deferred) == counted_step(stepper, name, decoded) > 0
+    assert decode_gap(deferred["image"], torch.device("cpu")) == (
+        "decode vs the loader's over 2 JPEGs: max 0 levels, mean 0.000 (the same decoder on a CPU)")
 
 
 def _rows(markdown: str) -> list[list[str]]:
@@ -152,3 +154,4 @@ def test_cpu_smoke_runs_every_phase_and_writes_the_tables(ray_cluster, tmp_path,
         else:
             assert _finite(row[2]) and float(row[2].split()[0]) < 0.05, row  # bf16 VAE latents: ~1e-2
     assert "depth-max-batch" in {r[0] for r in rows if r[2] == "4"}  # the search reached the smoke's cap
+    assert "max 0 levels" in next(r for r in rows if r[0] == "jpeg-on-device")[-1]  # simplejpeg both ways

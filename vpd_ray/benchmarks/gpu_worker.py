@@ -254,9 +254,24 @@ def train_phase(cfg: Any, run: Run) -> list[dict[str, Any]]:
     with product_trainer(cfg, run) as trainer:
         task = next(iter(trainer.tasks.values()))
         micro = trainer.plan.micro[task.name]
-        samples = synthetic_samples(task, micro, defer_jpeg=cfg.data.jpeg_decode == "device")
-        row = measure_training(trainer, batch_of(samples, micro), micro, run)
-    return [{**row, "notes": _notes(row["notes"], held)}]
+        deferred = cfg.data.jpeg_decode == "device"
+        batch = batch_of(synthetic_samples(task, micro, defer_jpeg=deferred), micro)
+        row = measure_training(trainer, batch, micro, run)
+    notes = decode_gap(batch["image"], run.device) if deferred else row["notes"]
+    return [{**row, "notes": _notes(notes, held)}]
+
+
+def decode_gap(images: list[Any], device: torch.device) -> str:
+    """How far the device's decode of a batch's JPEGs is from the loader's (simplejpeg: libjpeg-turbo),
+    in 8-bit levels: nvJPEG's IDCT and chroma upsampling are its own."""
+    from vpd_ray.data.device_decode import decode_jpegs
+
+    jpegs = [item.image for item in images if item.image is not None]
+    pairs = zip(decode_jpegs(jpegs, device), decode_jpegs(jpegs, torch.device("cpu")))
+    gaps = torch.cat([(a.cpu().int() - b.int()).abs().flatten() for a, b in pairs])
+    same = " (the same decoder on a CPU)" if device.type == "cpu" else ""
+    return (f"decode vs the loader's over {len(jpegs)} JPEGs: max {int(gaps.max())} levels, "
+            f"mean {gaps.float().mean().item():.3f}{same}")
 
 
 def batch_ladder(start: int, cap: int) -> list[int]:
