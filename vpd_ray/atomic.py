@@ -36,6 +36,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
         raise
 
 
+def remove_temporaries(folder: str, prefix: str = "", suffix: str = "") -> None:
+    """Delete the temporaries that killed writers left in ``folder`` for files named ``prefix*suffix``:
+    never complete, so never kept (a SIGKILL skips :func:`atomic_path`'s own clean-up)."""
+    for name in os.listdir(folder):
+        if name.startswith(prefix) and f"{suffix}{TMP_MARK}" in name:
+            os.remove(os.path.join(folder, name))
+
+
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     """``data`` into ``path`` through :func:`atomic_path`."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -160,7 +160,7 @@ def run(smoke: bool, phases: list[Phase], budget_s: float, peak_tflops: float | 
     with tempfile.TemporaryDirectory(prefix="vpd_bench_gpu_") as tmp:
         arch = architecture(smoke)
         counts = write_random_sd(os.path.join(tmp, "sd"), arch)
-        skipped = {p.name: not_run(p, smoke) for p in phases if not_run(p, smoke)}
+        skipped = {p.name: why for p in phases if (why := not_run(p, smoke))}
         configs = {p.name: phase_config(p, os.path.join(tmp, "sd"), os.path.join(tmp, "runs"), smoke)
                    for p in phases if not p.needs or p.name not in skipped}  # else validation refuses it
         if not ray.is_initialized():

@@ -36,7 +36,7 @@ import sys
 import tarfile
 from typing import Any, TextIO
 
-from vpd_ray.atomic import TMP_MARK, atomic_path
+from vpd_ray.atomic import atomic_path, remove_temporaries
 from vpd_ray.data.decode import check_fields, decode_sample, wanted_extensions
 from vpd_ray.data.tario import (
     MANIFEST_SUFFIX,
@@ -224,9 +224,7 @@ def plan_captions(shards: str, out: str, info: dict[str, Any]) -> CaptionPlan:
         raise ValueError(f"--out {out} is the shards' own folder: captioned shards would replace {clash[0]}; "
                          "give another folder")
     os.makedirs(out, exist_ok=True)
-    for name in os.listdir(out):  # temp files of a killed run: never complete, so never kept
-        if f".tar{TMP_MARK}" in name:
-            os.remove(os.path.join(out, name))
+    remove_temporaries(out, suffix=".tar")
     sources = {job.prefix: read_manifest(job.src) for job in jobs}
     done = {}
     for job in jobs:

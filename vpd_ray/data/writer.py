@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from vpd_ray.atomic import TMP_MARK, atomic_path, atomic_write
+from vpd_ray.atomic import atomic_path, atomic_write, remove_temporaries
 from vpd_ray.data.tario import MANIFEST_SUFFIX, iter_raw_samples
 from vpd_ray.data.zmap import encode_zmap
 from vpd_ray.errors import DataError
@@ -234,7 +234,7 @@ def write_shards(items: list[SourceItem], out_dir: str, prefix: str, *, max_coun
         dup = next(k for k in keys if keys.count(k) > 1)
         raise ConversionError(f"two sources map to the same key {dup!r}")
     os.makedirs(out_dir, exist_ok=True)
-    _remove_stale_temps(out_dir, prefix)
+    remove_temporaries(out_dir, f"{prefix}-", ".tar")
     plan = plan_shards(items, max_count, max_bytes)
     paths = [os.path.join(out_dir, shard_name(prefix, i)) for i in range(len(plan))]
     records: dict[str, dict] = {}
@@ -289,13 +289,6 @@ def _run_jobs(todo: list[tuple[str, list[SourceItem]]], workers: int):
 
     with multiprocessing.get_context("spawn").Pool(min(workers, len(todo))) as pool:
         yield from pool.imap_unordered(_write_job, todo)
-
-
-def _remove_stale_temps(out_dir: str, prefix: str) -> None:
-    """Temp files of a killed run: never complete, so never kept."""
-    for name in os.listdir(out_dir):
-        if name.startswith(prefix + "-") and f".tar{TMP_MARK}" in name:
-            os.remove(os.path.join(out_dir, name))
 
 
 def manifest_of(records: list[dict], prefix: str, info: dict | None, options: dict,
